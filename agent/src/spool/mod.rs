@@ -1,0 +1,364 @@
+//! The durable spool: events wait here, in redb, until the gateway acknowledges them.
+//!
+//! One writer thread owns all writes ([`writer`]); callers queue commands on a
+//! bounded channel and await the commit. Reads (status, export, uplink) use short
+//! read transactions on any thread. Dropping a [`Spool`] without [`Spool::close`]
+//! is a crash as far as the file is concerned: nothing acknowledged is lost.
+
+mod stats;
+mod store;
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use redb::ReadableTable;
+use tokio::sync::{mpsc, oneshot};
+
+pub use stats::{Drops, LaneLevel, SpoolStats};
+pub use store::Recovered;
+
+use crate::config::{LaneConfig, SpoolConfig};
+use crate::consent::{ConsentChange, ConsentPolicy};
+use crate::enrich::DeviceState;
+use crate::model::{DeviceId, Event, Seq};
+use store::Store;
+use writer::Command;
+
+/// Commands that may wait for the writer. Beyond this, callers wait to enqueue.
+pub const WRITE_QUEUE_DEPTH: usize = 1024;
+
+/// Why a spool operation failed. Cloneable: one failed commit answers many waiters.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpoolError {
+    /// A `reject` lane has no room for the request's events (HTTP 429).
+    #[error("lane `{lane}` is full (budget {max_bytes} bytes)")]
+    LaneFull { lane: String, max_bytes: u64 },
+    /// The filesystem is out of space; nothing was committed (HTTP 507).
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// Any other I/O or redb failure; nothing was committed.
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The file is closed for a reopen after a failure; retry shortly.
+    #[error("spool unavailable: {0}")]
+    Unavailable(String),
+    /// The spool was closed (shutdown).
+    #[error("the spool is closed")]
+    Closed,
+    /// An event names a lane that is not configured.
+    #[error("unknown lane `{0}`")]
+    UnknownLane(String),
+    /// A stored record does not decode.
+    #[error("corrupt spool record: {0}")]
+    Corrupt(String),
+}
+
+impl SpoolError {
+    /// Errors that concern one request only; the rest of its group still commits.
+    fn is_request_level(&self) -> bool {
+        matches!(self, SpoolError::LaneFull { .. } | SpoolError::UnknownLane(_))
+    }
+
+    fn from_redb(e: redb::Error) -> Self {
+        let io = match &e {
+            redb::Error::Io(io) => Some(io),
+            redb::Error::DatabaseAlreadyOpen => {
+                return SpoolError::Unavailable(
+                    "the spool file is in use by another process (is the agent running?)".into(),
+                )
+            }
+            _ => None,
+        };
+        if let Some(io) = io {
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || io.kind() == std::io::ErrorKind::FileTooLarge
+                || io.kind() == std::io::ErrorKind::QuotaExceeded
+            {
+                return SpoolError::DiskFull(io.to_string());
+            }
+        }
+        SpoolError::Storage(e.to_string())
+    }
+}
+
+/// `.spool()` turns any redb error into a [`SpoolError`].
+pub(crate) trait RedbResultExt<T> {
+    fn spool(self) -> Result<T, SpoolError>;
+}
+
+impl<T, E: Into<redb::Error>> RedbResultExt<T> for Result<T, E> {
+    fn spool(self) -> Result<T, SpoolError> {
+        self.map_err(|e| SpoolError::from_redb(e.into()))
+    }
+}
+
+/// Everything one request wants committed, atomically.
+#[derive(Debug, Default)]
+pub struct AppendRequest {
+    /// Events to queue, each with its `lane` set.
+    pub events: Vec<Event>,
+    /// Consent changes to persist (and purge for).
+    pub consent: Vec<ConsentChange>,
+    /// Device states to persist.
+    pub devices: Vec<(DeviceId, DeviceState)>,
+    /// Events refused for consent, to count.
+    pub denied: u64,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppendOutcome {
+    /// Seq of the first stored event; the rest follow consecutively.
+    pub first_seq: Seq,
+    pub count: usize,
+    /// Older events dropped from `drop_oldest` lanes to make room.
+    pub dropped_oldest: u64,
+}
+
+/// Level of one lane, for status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneStatus {
+    pub name: String,
+    pub level: LaneLevel,
+    pub max_bytes: u64,
+    /// Agent receive time of the oldest queued event.
+    pub oldest_received_ms: Option<i64>,
+}
+
+pub(crate) struct Shared {
+    store: Store,
+    lanes: Vec<LaneConfig>,
+    policy: ConsentPolicy,
+    compact_after: u64,
+    stats: Mutex<SpoolStats>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lane(&self, name: &str) -> Option<&LaneConfig> {
+        self.lanes.iter().find(|l| l.name == name)
+    }
+}
+
+/// Handle to the spool. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Spool {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Spool {
+    /// Opens (creating or recovering) the spool file at `path`.
+    pub fn open(
+        path: &Path,
+        config: &SpoolConfig,
+        policy: ConsentPolicy,
+        configured_device_id: &str,
+    ) -> Result<(Spool, Recovered), SpoolError> {
+        let cache = usize::try_from(config.cache_size.0).unwrap_or(usize::MAX);
+        let lanes: Vec<String> = config.lanes.iter().map(|l| l.name.clone()).collect();
+        let store = Store::open(path, cache, lanes)?;
+        let recovered = store.recover(configured_device_id)?;
+        let stats = store.load_stats()?;
+        let shared = Arc::new(Shared {
+            store,
+            lanes: config.lanes.clone(),
+            policy,
+            compact_after: config.compact_after.0,
+            stats: Mutex::new(stats.clone()),
+        });
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
+        let writer_shared = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer::run(writer_shared, rx, stats))
+            .map_err(|e| SpoolError::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok((
+            Spool {
+                shared,
+                tx,
+                writer: Mutex::new(Some(writer)),
+            },
+            recovered,
+        ))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, SpoolError>>) -> Command) -> Result<T, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Commits `req` durably; returns once it is on disk.
+    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, SpoolError> {
+        self.call(|reply| Command::Append(req, reply)).await
+    }
+
+    /// Like [`Spool::append`], but only enqueues; the receiver yields the result.
+    /// Lets a caller fix its place in the commit order before waiting.
+    pub async fn enqueue_append(
+        &self,
+        req: AppendRequest,
+    ) -> Result<oneshot::Receiver<Result<AppendOutcome, SpoolError>>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append(req, reply))
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Removes delivered events; returns how many were still there.
+    pub async fn remove(&self, lane: &str, seqs: Vec<Seq>) -> Result<usize, SpoolError> {
+        let lane = lane.to_owned();
+        self.call(|reply| Command::Remove { lane, seqs, reply }).await
+    }
+
+    /// Drops events past their lane's TTL; returns how many.
+    pub async fn sweep(&self, now_ms: i64) -> Result<u64, SpoolError> {
+        self.call(|reply| Command::Sweep { now_ms, reply }).await
+    }
+
+    /// Up to `max` queued events of `lane` after `after`, oldest first.
+    pub fn read(&self, lane: &str, after: Seq, max: usize) -> Result<Vec<Event>, SpoolError> {
+        self.shared.store.read(lane, after, max)
+    }
+
+    /// Counters as of the last commit.
+    pub fn stats(&self) -> SpoolStats {
+        self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Per-lane levels with the age of their oldest event.
+    pub fn lanes(&self) -> Vec<LaneStatus> {
+        let stats = self.stats();
+        self.shared
+            .lanes
+            .iter()
+            .map(|l| LaneStatus {
+                name: l.name.clone(),
+                level: stats.lanes.get(&l.name).copied().unwrap_or_default(),
+                max_bytes: l.max_bytes.0,
+                oldest_received_ms: self.shared.store.oldest_received(&l.name).ok().flatten(),
+            })
+            .collect()
+    }
+
+    /// Events accepted per device (for fleet status), at most `max` devices.
+    pub fn device_counts(&self, max: usize) -> Result<Vec<(String, u64)>, SpoolError> {
+        self.shared.store.device_counts(max)
+    }
+
+    /// Whether the file is open (false briefly after a failed commit).
+    pub fn is_healthy(&self) -> bool {
+        self.shared.store.is_open()
+    }
+
+    /// Calls `f` with every queued event, lane by lane, each lane in seq order.
+    pub fn for_each_event(&self, mut f: impl FnMut(&Event) -> Result<(), SpoolError>) -> Result<u64, SpoolError> {
+        let mut n = 0;
+        for lane in &self.shared.lanes {
+            let mut after = Seq(0);
+            loop {
+                let page = self.read(&lane.name, after, 1024)?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for e in &page {
+                    f(e)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Checks the file (redb's own integrity check) and the invariants of the
+    /// layout: every event decodes, sits in its lane under its own seq, and the
+    /// counters match the tables. Returns a description of the first problem found.
+    pub fn check(&self) -> Result<Vec<String>, SpoolError> {
+        let mut problems = Vec::new();
+        let intact = self
+            .shared
+            .store
+            .with_db_mut(|db| db.check_integrity().map_err(|e| SpoolError::Storage(e.to_string())))?;
+        if !intact {
+            problems.push("redb integrity check failed (the file was repaired)".to_owned());
+        }
+        let stats = self.stats();
+        for lane in &self.shared.lanes {
+            let (mut events, mut bytes) = (0u64, 0u64);
+            let name = store::lane_table(&lane.name);
+            self.shared.store.with_db(|db| {
+                let txn = redb::ReadableDatabase::begin_read(db).spool()?;
+                let table = txn.open_table(store::lane_def(&name)).spool()?;
+                for row in table.iter().spool()? {
+                    let (k, v) = row.spool()?;
+                    match store::decode_event(k.value(), v.value()) {
+                        Ok(e) if e.seq.0 != k.value() => problems.push(format!(
+                            "lane `{}`: event stored under seq {} says seq {}",
+                            lane.name,
+                            k.value(),
+                            e.seq.0
+                        )),
+                        Ok(e) if e.lane != lane.name => problems.push(format!(
+                            "lane `{}`: event seq {} belongs to lane `{}`",
+                            lane.name,
+                            k.value(),
+                            e.lane
+                        )),
+                        Ok(_) if k.value() >= stats.next_seq => problems.push(format!(
+                            "lane `{}`: seq {} is not below next_seq {}",
+                            lane.name,
+                            k.value(),
+                            stats.next_seq
+                        )),
+                        Ok(_) => {}
+                        Err(e) => problems.push(e.to_string()),
+                    }
+                    events += 1;
+                    bytes += v.value().len() as u64;
+                }
+                Ok(())
+            })?;
+            let level = stats.lanes.get(&lane.name).copied().unwrap_or_default();
+            if level.events != events || level.bytes != bytes {
+                problems.push(format!(
+                    "lane `{}`: counters say {} events / {} bytes, table holds {events} / {bytes}",
+                    lane.name, level.events, level.bytes
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Finishes queued writes and stops the writer. Later calls fail with `Closed`.
+    pub async fn close(&self) {
+        // If the queue is closed already, the writer is gone too.
+        let _ = self.tx.send(Command::Stop).await;
+        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+impl Drop for Spool {
+    /// Lets the writer finish what it was given and release the file, so the same
+    /// path can be opened again right away (tests reopen after simulated crashes).
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! The one writer: a dedicated thread that applies queued commands in groups, each
+//! group in one redb transaction committed with `Durability::Immediate` (group
+//! commit), then answers every waiter. Nothing is answered before its commit.
+//!
+//! A failed commit answers the whole group with the error, reopens the file and
+//! reloads the counters from it, so the agent recovers instead of wedging.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError};
+
+use redb::{Durability, ReadableTable, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use super::stats::SpoolStats;
+use super::store::{decode_event, lane_def, lane_table, CONSENT, DEVICES, DEVICE_COUNTS, META, STATS_KEY};
+use super::{AppendOutcome, AppendRequest, RedbResultExt, Shared, SpoolError};
+use crate::config::WhenFull;
+use crate::model::Seq;
+
+/// Most commands folded into one transaction.
+pub(crate) const MAX_GROUP: usize = 128;
+
+/// Most expired events removed by one sweep, to keep each transaction short.
+const MAX_SWEEP: usize = 10_000;
+
+pub(crate) enum Command {
+    Append(AppendRequest, oneshot::Sender<Result<AppendOutcome, SpoolError>>),
+    Remove {
+        lane: String,
+        seqs: Vec<Seq>,
+        reply: oneshot::Sender<Result<usize, SpoolError>>,
+    },
+    Sweep {
+        now_ms: i64,
+        reply: oneshot::Sender<Result<u64, SpoolError>>,
+    },
+    /// Finish what is queued before this, then exit.
+    Stop,
+}
+
+enum Reply {
+    Append(oneshot::Sender<Result<AppendOutcome, SpoolError>>, Result<AppendOutcome, SpoolError>),
+    Remove(oneshot::Sender<Result<usize, SpoolError>>, usize),
+    Sweep(oneshot::Sender<Result<u64, SpoolError>>, u64),
+}
+
+impl Reply {
+    fn send(self) {
+        // A waiter that went away (client disconnected) needs no answer.
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(r)),
+            Reply::Remove(tx, n) => drop(tx.send(Ok(n))),
+            Reply::Sweep(tx, n) => drop(tx.send(Ok(n))),
+        }
+    }
+
+    fn fail(self, e: &SpoolError) {
+        match self {
+            Reply::Append(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Remove(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Sweep(tx, _) => drop(tx.send(Err(e.clone()))),
+        }
+    }
+}
+
+pub(crate) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>, mut stats: SpoolStats) {
+    loop {
+        let Some(first) = rx.blocking_recv() else { break };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(cmd) => group.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let stop_at = group.iter().position(|c| matches!(c, Command::Stop));
+        if let Some(at) = stop_at {
+            // Anything queued after Stop is refused; its senders see `Closed`.
+            group.truncate(at);
+        }
+        if !group.is_empty() {
+            commit_group(&shared, &mut stats, group);
+        }
+        if stop_at.is_some() {
+            rx.close();
+            break;
+        }
+    }
+}
+
+fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
+    let mut tentative = stats.clone();
+    let mut replies = Vec::with_capacity(group.len());
+    let mut pending = group.into_iter();
+    let result = shared.store.with_db(|db| {
+        let mut txn = db.begin_write().spool()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| SpoolError::Storage(e.to_string()))?;
+        for cmd in pending.by_ref() {
+            match cmd {
+                Command::Append(req, tx) => match append(shared, &txn, &mut tentative, req) {
+                    Ok(outcome) => replies.push(Reply::Append(tx, Ok(outcome))),
+                    Err(e) if e.is_request_level() => replies.push(Reply::Append(tx, Err(e))),
+                    Err(e) => {
+                        replies.push(Reply::Append(tx, Err(e.clone())));
+                        return Err(e);
+                    }
+                },
+                Command::Remove { lane, seqs, reply } => {
+                    let n = remove(&txn, &mut tentative, &lane, &seqs)?;
+                    replies.push(Reply::Remove(reply, n));
+                }
+                Command::Sweep { now_ms, reply } => {
+                    let n = sweep(shared, &txn, &mut tentative, now_ms)?;
+                    replies.push(Reply::Sweep(reply, n));
+                }
+                Command::Stop => {}
+            }
+        }
+        let encoded = postcard::to_stdvec(&tentative).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        txn.open_table(META).spool()?.insert(STATS_KEY, encoded.as_slice()).spool()?;
+        txn.commit().spool()
+    });
+    match result {
+        Ok(()) => {
+            *stats = tentative;
+            *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
+            for r in replies {
+                r.send();
+            }
+            maybe_compact(shared, stats);
+        }
+        Err(e) => {
+            error!(error = %e, "Spool commit failed; nothing in this group was acknowledged.");
+            for r in replies {
+                r.fail(&e);
+            }
+            // Commands not reached before the failure get the same answer.
+            for cmd in pending {
+                fail_command(cmd, &e);
+            }
+            recover(shared, stats);
+        }
+    }
+}
+
+fn fail_command(cmd: Command, e: &SpoolError) {
+    match cmd {
+        Command::Append(_, tx) => drop(tx.send(Err(e.clone()))),
+        Command::Remove { reply, .. } => drop(reply.send(Err(e.clone()))),
+        Command::Sweep { reply, .. } => drop(reply.send(Err(e.clone()))),
+        Command::Stop => {}
+    }
+}
+
+fn recover(shared: &Shared, stats: &mut SpoolStats) {
+    match shared.store.reopen().and_then(|()| shared.store.load_stats()) {
+        Ok(fresh) => {
+            *stats = fresh;
+            *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
+            info!("Spool file reopened after a failed commit.");
+        }
+        // The next command tries again; until then requests get `Unavailable`.
+        Err(e) => error!(error = %e, "Spool file could not be reopened."),
+    }
+}
+
+fn maybe_compact(shared: &Shared, stats: &mut SpoolStats) {
+    if stats.removed_since_compact < shared.compact_after {
+        return;
+    }
+    stats.removed_since_compact = 0;
+    match shared.store.with_db_mut(|db| db.compact().map_err(|e| SpoolError::Storage(e.to_string()))) {
+        Ok(_) => info!(path = %shared.store.path().display(), "Spool file compacted after a large drain."),
+        Err(e) => warn!(error = %e, "Spool compaction failed; will retry after the next drain."),
+    }
+}
+
+fn append(
+    shared: &Shared,
+    txn: &WriteTransaction,
+    stats: &mut SpoolStats,
+    req: AppendRequest,
+) -> Result<AppendOutcome, SpoolError> {
+    // Consent changes are the user's decision: kept even if the events are refused.
+    for change in &req.consent {
+        let state = postcard::to_stdvec(&change.state).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        txn.open_table(CONSENT).spool()?.insert(change.subject.as_str(), state.as_slice()).spool()?;
+        if !change.revoked.is_empty() {
+            purge(shared, txn, stats, &change.subject, &change.revoked)?;
+        }
+    }
+    stats.drops.consent_denied += req.denied;
+    for (device, state) in &req.devices {
+        let bytes = postcard::to_stdvec(state).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        txn.open_table(DEVICES).spool()?.insert(device.0.as_str(), bytes.as_slice()).spool()?;
+    }
+
+    let mut seq = stats.next_seq;
+    let mut encoded = Vec::with_capacity(req.events.len());
+    let mut need: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut invalid = 0;
+    for mut event in req.events {
+        event.seq = Seq(seq);
+        match postcard::to_stdvec(&event) {
+            Ok(bytes) => {
+                seq += 1;
+                encoded.push((event, bytes));
+            }
+            Err(_) => invalid += 1,
+        }
+    }
+    for (event, bytes) in &encoded {
+        let Some(lane) = shared.lane(&event.lane) else {
+            return Err(SpoolError::UnknownLane(event.lane.clone()));
+        };
+        *need.entry(lane.name.as_str()).or_default() += bytes.len() as u64;
+    }
+    for (lane_name, &bytes) in &need {
+        let Some(lane) = shared.lane(lane_name) else { continue };
+        let level = stats.lanes.get(*lane_name).copied().unwrap_or_default();
+        let over = level.bytes + bytes > lane.max_bytes.0;
+        if bytes > lane.max_bytes.0 || (over && lane.when_full == WhenFull::Reject) {
+            return Err(SpoolError::LaneFull {
+                lane: lane.name.clone(),
+                max_bytes: lane.max_bytes.0,
+            });
+        }
+    }
+    let mut dropped_oldest = 0;
+    for (lane_name, &bytes) in &need {
+        let Some(lane) = shared.lane(lane_name) else { continue };
+        if lane.when_full == WhenFull::DropOldest {
+            dropped_oldest += make_room(txn, stats, lane_name, lane.max_bytes.0 - bytes)?;
+        }
+    }
+    stats.drops.lane_full += dropped_oldest;
+    stats.drops.invalid += invalid;
+
+    let mut per_device: BTreeMap<&str, u64> = BTreeMap::new();
+    let first_seq = Seq(stats.next_seq);
+    let count = encoded.len();
+    for (event, bytes) in &encoded {
+        let name = lane_table(&event.lane);
+        txn.open_table(lane_def(&name)).spool()?.insert(event.seq.0, bytes.as_slice()).spool()?;
+        let level = stats.lane_mut(&event.lane);
+        level.events += 1;
+        level.bytes += bytes.len() as u64;
+        *per_device.entry(event.identities.device_id.0.as_str()).or_default() += 1;
+    }
+    let mut counts = txn.open_table(DEVICE_COUNTS).spool()?;
+    for (device, n) in per_device {
+        let before = counts.get(device).spool()?.map(|v| v.value()).unwrap_or(0);
+        counts.insert(device, before + n).spool()?;
+    }
+    stats.next_seq = seq;
+    stats.accepted += count as u64;
+    Ok(AppendOutcome {
+        first_seq,
+        count,
+        dropped_oldest,
+    })
+}
+
+/// Drops the oldest events of `lane` until at most `target` bytes are queued.
+fn make_room(txn: &WriteTransaction, stats: &mut SpoolStats, lane: &str, target: u64) -> Result<u64, SpoolError> {
+    let name = lane_table(lane);
+    let mut table = txn.open_table(lane_def(&name)).spool()?;
+    let mut dropped = 0;
+    while stats.lane_mut(lane).bytes > target {
+        let Some((_, v)) = table.pop_first().spool()? else { break };
+        let level = stats.lane_mut(lane);
+        level.events = level.events.saturating_sub(1);
+        level.bytes = level.bytes.saturating_sub(v.value().len() as u64);
+        stats.removed_since_compact += v.value().len() as u64;
+        dropped += 1;
+    }
+    Ok(dropped)
+}
+
+fn remove(txn: &WriteTransaction, stats: &mut SpoolStats, lane: &str, seqs: &[Seq]) -> Result<usize, SpoolError> {
+    if !stats.lanes.contains_key(lane) && seqs.is_empty() {
+        return Ok(0);
+    }
+    let name = lane_table(lane);
+    let mut table = txn.open_table(lane_def(&name)).spool()?;
+    let mut removed = 0;
+    for seq in seqs {
+        if let Some(v) = table.remove(seq.0).spool()? {
+            let len = v.value().len() as u64;
+            let level = stats.lane_mut(lane);
+            level.events = level.events.saturating_sub(1);
+            level.bytes = level.bytes.saturating_sub(len);
+            stats.removed_since_compact += len;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn purge(
+    shared: &Shared,
+    txn: &WriteTransaction,
+    stats: &mut SpoolStats,
+    subject: &str,
+    revoked: &[String],
+) -> Result<(), SpoolError> {
+    for lane in &shared.lanes {
+        let name = lane_table(&lane.name);
+        let mut table = txn.open_table(lane_def(&name)).spool()?;
+        let mut doomed = Vec::new();
+        for row in table.iter().spool()? {
+            let (k, v) = row.spool()?;
+            let event = decode_event(k.value(), v.value())?;
+            if event.belongs_to(subject) && shared.policy.needs_any(&event, revoked) {
+                doomed.push(k.value());
+            }
+        }
+        for seq in doomed {
+            if let Some(v) = table.remove(seq).spool()? {
+                let len = v.value().len() as u64;
+                let level = stats.lane_mut(&lane.name);
+                level.events = level.events.saturating_sub(1);
+                level.bytes = level.bytes.saturating_sub(len);
+                stats.removed_since_compact += len;
+                stats.drops.consent_purged += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sweep(shared: &Shared, txn: &WriteTransaction, stats: &mut SpoolStats, now_ms: i64) -> Result<u64, SpoolError> {
+    let mut expired = 0;
+    for lane in &shared.lanes {
+        let Some(ttl) = lane.ttl else { continue };
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let name = lane_table(&lane.name);
+        let mut table = txn.open_table(lane_def(&name)).spool()?;
+        while expired < MAX_SWEEP as u64 {
+            let Some((k, v)) = table.first().spool()? else { break };
+            let event = decode_event(k.value(), v.value())?;
+            if event.received_ms.saturating_add(ttl_ms) > now_ms {
+                break;
+            }
+            let len = v.value().len() as u64;
+            let seq = k.value();
+            drop((k, v));
+            table.remove(seq).spool()?;
+            let level = stats.lane_mut(&lane.name);
+            level.events = level.events.saturating_sub(1);
+            level.bytes = level.bytes.saturating_sub(len);
+            stats.removed_since_compact += len;
+            stats.drops.ttl_expired += 1;
+            expired += 1;
+        }
+    }
+    Ok(expired)
+}
