@@ -51,7 +51,11 @@ pub struct SendArgs {
 }
 
 /// Sends one event; prints where it went.
-pub async fn send(config: &AgentConfig, data_dir: &Path, args: SendArgs) -> Result<String, CommandError> {
+pub async fn send(
+    config: &AgentConfig,
+    data_dir: &Path,
+    args: SendArgs,
+) -> Result<String, CommandError> {
     if !segment::CALLS.contains(&args.call.as_str()) {
         return Err(CommandError::Usage(format!(
             "unknown call `{}`: use one of {}",
@@ -68,10 +72,18 @@ pub async fn send(config: &AgentConfig, data_dir: &Path, args: SendArgs) -> Resu
         props.insert(k, value);
     }
     let mut body = serde_json::json!({ "messageId": uuid::Uuid::new_v4().to_string() });
-    let props_key = if args.call == "identify" || args.call == "group" { "traits" } else { "properties" };
+    let props_key = if args.call == "identify" || args.call == "group" {
+        "traits"
+    } else {
+        "properties"
+    };
     body[props_key] = serde_json::to_value(&props).unwrap_or_default();
     if let Some(name) = &args.name {
-        body[if args.call == "track" { "event" } else { "name" }] = name.clone().into();
+        body[if args.call == "track" {
+            "event"
+        } else {
+            "name"
+        }] = name.clone().into();
     }
     if let Some(u) = &args.user_id {
         body["userId"] = u.clone().into();
@@ -84,7 +96,14 @@ pub async fn send(config: &AgentConfig, data_dir: &Path, args: SendArgs) -> Resu
     }
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let path = format!("/v1/{}", args.call);
-    match request(config.http.listen, "POST", &path, Some(Bytes::from(bytes.clone()))).await {
+    match request(
+        config.http.listen,
+        "POST",
+        &path,
+        Some(Bytes::from(bytes.clone())),
+    )
+    .await
+    {
         Ok((200, _)) => Ok(format!("sent to the agent at {}", config.http.listen)),
         Ok((status, body)) => Err(CommandError::Refused { status, body }),
         Err(_) => {
@@ -114,7 +133,11 @@ pub async fn status(config: &AgentConfig, data_dir: &Path) -> Result<String, Com
         Ok((status, body)) => Err(CommandError::Refused { status, body }),
         Err(_) => {
             let agent = Agent::open(config.clone(), data_dir)?;
-            let report = crate::status::status(agent.spool(), agent.device_id().to_owned(), config.agent.fleet);
+            let report = crate::status::status(
+                agent.spool(),
+                agent.device_id().to_owned(),
+                config.agent.fleet,
+            );
             agent.spool().close().await;
             Ok(serde_json::to_string_pretty(&report).unwrap_or_default())
         }
@@ -130,7 +153,11 @@ pub async fn check(config: &AgentConfig, data_dir: &Path) -> Result<Vec<String>,
 }
 
 /// Writes every queued event as one JSON line; returns how many.
-pub async fn export(config: &AgentConfig, data_dir: &Path, out: &mut impl Write) -> Result<u64, CommandError> {
+pub async fn export(
+    config: &AgentConfig,
+    data_dir: &Path,
+    out: &mut impl Write,
+) -> Result<u64, CommandError> {
     let agent = Agent::open(config.clone(), data_dir)?;
     let mut io_error = None;
     let n = agent.spool().for_each_event(|e| {

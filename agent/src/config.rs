@@ -58,7 +58,11 @@ impl ByteSize {
             "MiB" => 1 << 20,
             "GB" => 1_000_000_000,
             "GiB" => 1 << 30,
-            other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` (use B, KiB, MiB, GiB)"
+                ))
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)
@@ -546,7 +550,10 @@ impl AgentConfig {
                 ));
             }
             if !lanes.insert(lane.name.as_str()) {
-                return Err(bad("spool.lanes.name", format!("`{}` is repeated", lane.name)));
+                return Err(bad(
+                    "spool.lanes.name",
+                    format!("`{}` is repeated", lane.name),
+                ));
             }
             if lane.max_bytes.0 < 4096 {
                 return Err(bad(
@@ -624,7 +631,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
-        let err = parse("[http]\nlisten_addr = \"x\"").unwrap_err().to_string();
+        let err = parse("[http]\nlisten_addr = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen_addr"), "{err}");
     }
 
@@ -642,13 +651,20 @@ mod tests {
 
     #[test]
     fn route_to_missing_lane_names_the_key() {
-        let err = parse("[[spool.routes]]\nlane = \"nope\"").unwrap_err().to_string();
-        assert!(err.contains("spool.routes.lane") && err.contains("nope"), "{err}");
+        let err = parse("[[spool.routes]]\nlane = \"nope\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spool.routes.lane") && err.contains("nope"),
+            "{err}"
+        );
     }
 
     #[test]
     fn rule_with_undeclared_purpose_is_refused() {
-        let err = parse("[[consent.rules]]\npurposes = [\"ads\"]").unwrap_err().to_string();
+        let err = parse("[[consent.rules]]\npurposes = [\"ads\"]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("consent.rules.purposes"), "{err}");
     }
 

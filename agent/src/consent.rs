@@ -88,8 +88,8 @@ impl ConsentPolicy {
         }
         for rule in &self.config.rules {
             let type_ok = rule.types.is_empty() || rule.types.iter().any(|t| t == kind.as_str());
-            let name_ok = rule.names.is_empty()
-                || name.is_some_and(|n| rule.names.iter().any(|r| r == n));
+            let name_ok =
+                rule.names.is_empty() || name.is_some_and(|n| rule.names.iter().any(|r| r == n));
             if type_ok && name_ok {
                 for p in &rule.purposes {
                     if !out.contains(&p.as_str()) {
@@ -229,7 +229,13 @@ pub fn change_properties(change: &ConsentChange) -> Map {
     props.insert("ccpa_opt_out", Value::Bool(change.state.ccpa_opt_out));
     props.insert(
         "revoked",
-        Value::Array(change.revoked.iter().map(|r| Value::from(r.as_str())).collect()),
+        Value::Array(
+            change
+                .revoked
+                .iter()
+                .map(|r| Value::from(r.as_str()))
+                .collect(),
+        ),
     );
     props
 }
@@ -287,7 +293,9 @@ mod tests {
         assert!(policy("grant").check(None, &track("Play")).is_ok());
         assert_eq!(
             policy("deny").check(None, &track("Play")),
-            Err(Denied { purpose: "analytics".into() })
+            Err(Denied {
+                purpose: "analytics".into()
+            })
         );
     }
 
@@ -302,7 +310,9 @@ mod tests {
     fn revoking_reports_the_withdrawn_purpose() {
         let mut book = ConsentBook::new(policy("deny"), HashMap::new());
         book.apply("u", &update(&[("Analytics", true)], 1));
-        let change = book.apply("u", &update(&[("analytics", false)], 2)).unwrap();
+        let change = book
+            .apply("u", &update(&[("analytics", false)], 2))
+            .unwrap();
         assert_eq!(change.revoked, ["analytics"]);
         assert!(book.policy().check(book.get("u"), &track("Play")).is_err());
     }
@@ -310,19 +320,35 @@ mod tests {
     #[test]
     fn stale_or_identical_updates_change_nothing() {
         let mut book = ConsentBook::new(policy("grant"), HashMap::new());
-        assert!(book.apply("u", &update(&[("analytics", false)], 10)).is_some());
-        assert!(book.apply("u", &update(&[("analytics", true)], 5)).is_none());
-        assert!(book.apply("u", &update(&[("analytics", false)], 20)).is_none());
+        assert!(book
+            .apply("u", &update(&[("analytics", false)], 10))
+            .is_some());
+        assert!(book
+            .apply("u", &update(&[("analytics", true)], 5))
+            .is_none());
+        assert!(book
+            .apply("u", &update(&[("analytics", false)], 20))
+            .is_none());
     }
 
     #[test]
     fn ccpa_opt_out_denies_sale_purposes_only() {
         let mut book = ConsentBook::new(policy("grant"), HashMap::new());
         let change = book
-            .apply("u", &ConsentUpdate { purposes: vec![], ccpa_opt_out: Some(true), at_ms: 1 })
+            .apply(
+                "u",
+                &ConsentUpdate {
+                    purposes: vec![],
+                    ccpa_opt_out: Some(true),
+                    at_ms: 1,
+                },
+            )
             .unwrap();
         assert_eq!(change.revoked, ["advertising"]);
         assert!(book.policy().check(book.get("u"), &track("Play")).is_ok());
-        assert!(book.policy().check(book.get("u"), &track("Order Completed")).is_err());
+        assert!(book
+            .policy()
+            .check(book.get("u"), &track("Order Completed"))
+            .is_err());
     }
 }

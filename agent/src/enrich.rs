@@ -168,7 +168,9 @@ mod tests {
         let config = EnrichConfig {
             session_timeout: Duration::from_secs(60),
             hash_pii: vec!["email".into()],
-            context: [("app".to_owned(), Value::from("tv"))].into_iter().collect(),
+            context: [("app".to_owned(), Value::from("tv"))]
+                .into_iter()
+                .collect(),
         };
         Enricher::new(DeviceId("me".into()), fleet, &config, HashMap::new())
     }
@@ -176,7 +178,11 @@ mod tests {
     fn incoming(user: Option<&str>, hint: Option<&str>) -> Incoming {
         let mut event = Event::new(EventKind::Track, Source::Segment, 0);
         event.identities.user_id = user.map(str::to_owned);
-        Incoming { event, consent: None, device_hint: hint.map(str::to_owned) }
+        Incoming {
+            event,
+            consent: None,
+            device_hint: hint.map(str::to_owned),
+        }
     }
 
     #[test]
@@ -187,7 +193,10 @@ mod tests {
         let mut later = incoming(None, None);
         en.enrich(&mut later, 1000);
         assert_eq!(later.event.identities.user_id.as_deref(), Some("u1"));
-        assert_eq!(later.event.identities.anonymous_id, first.event.identities.anonymous_id);
+        assert_eq!(
+            later.event.identities.anonymous_id,
+            first.event.identities.anonymous_id
+        );
         assert_eq!(later.event.context.get_str("app"), Some("tv"));
     }
 
@@ -220,7 +229,9 @@ mod tests {
     fn configured_pii_is_hashed_once() {
         let mut en = enricher(false);
         let mut e = incoming(None, None);
-        e.event.traits.insert("email", Value::from(" Ada@Example.com"));
+        e.event
+            .traits
+            .insert("email", Value::from(" Ada@Example.com"));
         en.enrich(&mut e, 0);
         let hashed = e.event.traits.get_str("email").unwrap().to_owned();
         assert_eq!(hashed, sha256_hex("ada@example.com"));

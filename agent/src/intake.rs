@@ -134,7 +134,9 @@ impl Intake {
             .find(|r| {
                 (r.types.is_empty() || r.types.iter().any(|t| t == e.kind.as_str()))
                     && (r.names.is_empty()
-                        || e.name.as_deref().is_some_and(|n| r.names.iter().any(|x| x == n)))
+                        || e.name
+                            .as_deref()
+                            .is_some_and(|n| r.names.iter().any(|x| x == n)))
             })
             .map_or(self.default_lane.as_str(), |r| r.lane.as_str())
     }

@@ -101,7 +101,12 @@ impl Agent {
     }
 
     /// Records a `track` event for `user_id` (or the device's anonymous id).
-    pub async fn track(&self, name: &str, user_id: Option<&str>, properties: Map) -> Result<Accepted, SpoolError> {
+    pub async fn track(
+        &self,
+        name: &str,
+        user_id: Option<&str>,
+        properties: Map,
+    ) -> Result<Accepted, SpoolError> {
         let mut event = Event::new(EventKind::Track, Source::Local, now_ms());
         event.name = Some(name.to_owned());
         event.identities.user_id = user_id.map(str::to_owned);
@@ -124,7 +129,11 @@ impl Agent {
 
     /// Serves the HTTP API on `listener` and sweeps expired events until `shutdown`;
     /// then drains requests and closes the spool.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), AgentError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
         let api = Arc::new(http::Api::new(
             Arc::clone(&self.intake),
             self.config.clone(),
@@ -164,7 +173,11 @@ async fn sweep_loop(spool: Arc<Spool>, every: std::time::Duration, shutdown: Can
 }
 
 /// Runs the agent daemon until `shutdown`.
-pub async fn run(config: AgentConfig, data_dir: &Path, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    data_dir: &Path,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let agent = Agent::open(config, data_dir)?;
     let listener = agent.bind().await?;
     agent.serve(listener, shutdown).await

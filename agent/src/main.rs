@@ -74,7 +74,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let data_dir = cli.data_dir.clone().unwrap_or_else(|| config.agent.data_dir.clone());
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config.agent.data_dir.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -96,8 +99,20 @@ fn main() -> ExitCode {
                     .map(|()| None)
                     .map_err(commands::CommandError::from)
             }
-            Command::Send { call, name, user, anonymous_id, props } => {
-                let args = SendArgs { call, name, user_id: user, anonymous_id, props };
+            Command::Send {
+                call,
+                name,
+                user,
+                anonymous_id,
+                props,
+            } => {
+                let args = SendArgs {
+                    call,
+                    name,
+                    user_id: user,
+                    anonymous_id,
+                    props,
+                };
                 commands::send(&config, &data_dir, args).await.map(Some)
             }
             Command::Status => commands::status(&config, &data_dir).await.map(Some),
@@ -108,9 +123,13 @@ fn main() -> ExitCode {
                     Some(format!("PROBLEMS:\n{}", problems.join("\n")))
                 }
             }),
-            Command::Spool { command: SpoolCommand::Export } => {
+            Command::Spool {
+                command: SpoolCommand::Export,
+            } => {
                 let mut out = std::io::stdout().lock();
-                commands::export(&config, &data_dir, &mut out).await.map(|_| None)
+                commands::export(&config, &data_dir, &mut out)
+                    .await
+                    .map(|_| None)
             }
         }
     });
@@ -134,7 +153,9 @@ fn main() -> ExitCode {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

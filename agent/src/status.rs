@@ -13,7 +13,9 @@ use crate::spool::Spool;
 pub const MAX_STATUS_DEVICES: usize = 1000;
 
 /// HTTP status codes the API answers with, counted for metrics.
-pub const COUNTED_CODES: [u16; 13] = [200, 202, 400, 401, 404, 405, 408, 413, 429, 500, 503, 507, 0];
+pub const COUNTED_CODES: [u16; 13] = [
+    200, 202, 400, 401, 404, 405, 408, 413, 429, 500, 503, 507, 0,
+];
 
 /// Request counters kept by the HTTP layer.
 #[derive(Debug, Default)]
@@ -96,7 +98,10 @@ pub fn status(spool: &Spool, device_id: String, fleet: bool) -> Status {
             .device_counts(MAX_STATUS_DEVICES)
             .unwrap_or_default()
             .into_iter()
-            .map(|(device_id, accepted)| DeviceReport { device_id, accepted })
+            .map(|(device_id, accepted)| DeviceReport {
+                device_id,
+                accepted,
+            })
             .collect()
     } else {
         Vec::new()
@@ -120,29 +125,55 @@ pub fn status(spool: &Spool, device_id: String, fleet: bool) -> Status {
 pub fn metrics(spool: &Spool, http: &HttpCounters) -> String {
     let stats = spool.stats();
     let mut out = String::with_capacity(2048);
-    let _ = writeln!(out, "# HELP edge_agent_events_accepted_total Events durably queued.");
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_events_accepted_total Events durably queued."
+    );
     let _ = writeln!(out, "# TYPE edge_agent_events_accepted_total counter");
     let _ = writeln!(out, "edge_agent_events_accepted_total {}", stats.accepted);
-    let _ = writeln!(out, "# HELP edge_agent_events_dropped_total Events dropped on purpose, by reason.");
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_events_dropped_total Events dropped on purpose, by reason."
+    );
     let _ = writeln!(out, "# TYPE edge_agent_events_dropped_total counter");
     for (reason, n) in stats.drops.by_reason() {
-        let _ = writeln!(out, "edge_agent_events_dropped_total{{reason=\"{reason}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "edge_agent_events_dropped_total{{reason=\"{reason}\"}} {n}"
+        );
     }
-    let _ = writeln!(out, "# HELP edge_agent_spool_events Events queued per lane.");
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_spool_events Events queued per lane."
+    );
     let _ = writeln!(out, "# TYPE edge_agent_spool_events gauge");
     let lanes = spool.lanes();
     for l in &lanes {
-        let _ = writeln!(out, "edge_agent_spool_events{{lane=\"{}\"}} {}", l.name, l.level.events);
+        let _ = writeln!(
+            out,
+            "edge_agent_spool_events{{lane=\"{}\"}} {}",
+            l.name, l.level.events
+        );
     }
     let _ = writeln!(out, "# HELP edge_agent_spool_bytes Bytes queued per lane.");
     let _ = writeln!(out, "# TYPE edge_agent_spool_bytes gauge");
     for l in &lanes {
-        let _ = writeln!(out, "edge_agent_spool_bytes{{lane=\"{}\"}} {}", l.name, l.level.bytes);
+        let _ = writeln!(
+            out,
+            "edge_agent_spool_bytes{{lane=\"{}\"}} {}",
+            l.name, l.level.bytes
+        );
     }
-    let _ = writeln!(out, "# HELP edge_agent_http_responses_total Local API responses by status code (0 = other).");
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_http_responses_total Local API responses by status code (0 = other)."
+    );
     let _ = writeln!(out, "# TYPE edge_agent_http_responses_total counter");
     for (code, n) in http.snapshot() {
-        let _ = writeln!(out, "edge_agent_http_responses_total{{code=\"{code}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "edge_agent_http_responses_total{{code=\"{code}\"}} {n}"
+        );
     }
     out
 }

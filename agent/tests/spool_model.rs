@@ -226,9 +226,13 @@ enum Op {
         events: Vec<EventSpec>,
         advance_ms: i64,
     },
-    /// Enqueue an append, then drop the handle before awaiting the answer: the
-    /// writer finishes what it was given, and the answer must still arrive.
-    SubmitThenCrash { events: Vec<EventSpec> },
+    /// Enqueue several appends before awaiting any (the writer may commit them in one
+    /// group); with `crash`, drop the handle first: the writer finishes what it was
+    /// given, and every answer must still arrive.
+    Burst {
+        requests: Vec<Vec<EventSpec>>,
+        crash: bool,
+    },
     /// Read up to `max` events of a lane and remove them (as the uplink does after an
     /// ack); `foreign` adds the seq of an event queued in another lane, which must stay.
     Drain {
@@ -252,7 +256,11 @@ fn events_strategy() -> impl Strategy<Value = Vec<EventSpec>> {
     (
         0..LANES.len(),
         prop::collection::vec(
-            (prop::option::weighted(0.15, 0..LANES.len()), 0usize..160),
+            (
+                prop::option::weighted(0.15, 0..LANES.len()),
+                // Now and then an event big enough to overflow a lane on its own.
+                prop_oneof![30 => 0usize..160, 1 => 1_000usize..3_000],
+            ),
             1..20,
         ),
     )
@@ -271,7 +279,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (events_strategy(), 0i64..3_000)
             .prop_map(|(events, advance_ms)| Op::Submit { events, advance_ms }),
-        1 => events_strategy().prop_map(|events| Op::SubmitThenCrash { events }),
+        2 => (prop::collection::vec(events_strategy(), 2..6), prop::bool::weighted(0.3))
+            .prop_map(|(requests, crash)| Op::Burst { requests, crash }),
         5 => (0..LANES.len(), 1usize..40, prop::bool::weighted(0.3))
             .prop_map(|(lane, max, foreign)| Op::Drain { lane, max, foreign }),
         1 => (0..LANES.len(), 0usize..40, 1usize..10)
@@ -338,14 +347,19 @@ impl Harness {
             .collect()
     }
 
-    /// The events as the spool should store them if it accepts them now.
-    fn expect_seqs(&self, events: &[Event]) -> Vec<Event> {
+    /// The seq the spool will assign next; it must not reuse one.
+    fn next_seq(&self) -> u64 {
         let next = self.spool().stats().next_seq;
         assert!(
             next > self.model.max_seq,
             "next_seq {next} would reuse seq {}",
             self.model.max_seq
         );
+        next
+    }
+
+    /// The events as the spool should store them if it accepts them with `next`.
+    fn with_seqs(events: &[Event], next: u64) -> Vec<Event> {
         let mut expected = events.to_vec();
         for (i, e) in expected.iter_mut().enumerate() {
             e.seq = Seq(next + i as u64);
@@ -378,7 +392,7 @@ impl Harness {
 
     async fn submit(&mut self, specs: &[EventSpec]) {
         let events = self.build_events(specs);
-        let expected = self.expect_seqs(&events);
+        let expected = Self::with_seqs(&events, self.next_seq());
         let result = self
             .spool()
             .append(AppendRequest {
@@ -389,23 +403,35 @@ impl Harness {
         self.check_append(&expected, result);
     }
 
-    async fn submit_then_crash(&mut self, specs: &[EventSpec]) {
-        let events = self.build_events(specs);
-        let expected = self.expect_seqs(&events);
-        let answer = self
-            .spool()
-            .enqueue_append(AppendRequest {
-                events,
-                ..AppendRequest::default()
-            })
-            .await
-            .unwrap();
-        drop(self.spool.take());
-        let result = answer
-            .await
-            .expect("a dropped spool answers what it was given");
-        self.check_append(&expected, result);
-        self.open();
+    async fn burst(&mut self, requests: &[Vec<EventSpec>], crash: bool) {
+        let mut next = self.next_seq();
+        let mut answers = Vec::new();
+        for specs in requests {
+            let events = self.build_events(specs);
+            let answer = self
+                .spool()
+                .enqueue_append(AppendRequest {
+                    events: events.clone(),
+                    ..AppendRequest::default()
+                })
+                .await
+                .unwrap();
+            answers.push((events, answer));
+        }
+        if crash {
+            drop(self.spool.take());
+        }
+        for (events, answer) in answers {
+            let result = answer.await.expect("every enqueued append is answered");
+            let expected = Self::with_seqs(&events, next);
+            if result.is_ok() {
+                next += events.len() as u64;
+            }
+            self.check_append(&expected, result);
+        }
+        if crash {
+            self.open();
+        }
     }
 
     async fn drain(&mut self, lane: usize, max: usize, foreign: bool) {
@@ -489,7 +515,7 @@ impl Harness {
                 self.now_ms += advance_ms;
                 self.submit(events).await;
             }
-            Op::SubmitThenCrash { events } => self.submit_then_crash(events).await,
+            Op::Burst { requests, crash } => self.burst(requests, *crash).await,
             Op::Drain { lane, max, foreign } => self.drain(*lane, *max, *foreign).await,
             Op::Peek { lane, skip, max } => self.peek(*lane, *skip, *max),
             Op::Sweep { advance_ms } => self.sweep(*advance_ms).await,
@@ -542,6 +568,9 @@ fn runtime() -> tokio::runtime::Runtime {
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32),
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
         ..ProptestConfig::default()
     })]
 
@@ -550,6 +579,7 @@ proptest! {
         ops in prop::collection::vec(op_strategy(), 1..40)
     ) {
         runtime().block_on(async {
+            let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
             let mut h = Harness::new();
             h.verify();
             for op in &ops {

@@ -53,15 +53,25 @@ pub fn request(
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    read_response(&mut s)
+    // A server may answer (413, 401) and close before reading the whole body: the
+    // answer is still there to read, so a failed write is not the end.
+    let written = s.write_all(body);
+    match read_response(&mut s) {
+        Ok(r) => Ok(r),
+        Err(e) => written.and(Err(e)),
+    }
 }
 
 /// Reads a `Connection: close` response to EOF and parses it.
 pub fn read_response(s: &mut TcpStream) -> io::Result<Response> {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    parse(&raw).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad response: {:?}", String::from_utf8_lossy(&raw))))
+    parse(&raw).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad response: {:?}", String::from_utf8_lossy(&raw)),
+        )
+    })
 }
 
 fn parse(raw: &[u8]) -> Option<Response> {
@@ -74,5 +84,9 @@ fn parse(raw: &[u8]) -> Option<Response> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
     let body = String::from_utf8_lossy(&raw[split + 4..]).into_owned();
-    Some(Response { status, headers, body })
+    Some(Response {
+        status,
+        headers,
+        body,
+    })
 }

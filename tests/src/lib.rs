@@ -32,13 +32,21 @@ pub fn bin(name: &str) -> PathBuf {
             assert!(status.success(), "cargo build --bins failed");
         }
     });
-    assert!(path.exists(), "{} missing: run `cargo build --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --bins` first",
+        path.display()
+    );
     path
 }
 
 /// A free TCP port on loopback (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
@@ -87,7 +95,13 @@ impl Agent {
         let data_dir = dir.path().join("data");
         let text = format!("[http]\nlisten = \"{addr}\"\n{http_extra}\n{extra}\n");
         std::fs::write(&config_path, text).unwrap();
-        Agent { dir, config_path, data_dir, addr, child: None }
+        Agent {
+            dir,
+            config_path,
+            data_dir,
+            addr,
+            child: None,
+        }
     }
 
     fn command(&self) -> Command {
@@ -113,7 +127,9 @@ impl Agent {
         self.child = Some(child);
         let addr = self.addr;
         let up = wait_until(Duration::from_secs(15), || {
-            http::get(addr, "/health").map(|r| r.status == 200).unwrap_or(false)
+            http::get(addr, "/health")
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
         });
         if !up {
             let log = self.stop_kill();
@@ -127,7 +143,9 @@ impl Agent {
 
     /// SIGKILL: a crash as far as the agent knows. Returns its stderr.
     pub fn stop_kill(&mut self) -> String {
-        let Some(mut child) = self.child.take() else { return String::new() };
+        let Some(mut child) = self.child.take() else {
+            return String::new();
+        };
         let _ = child.kill();
         let _ = child.wait();
         drain_stderr(&mut child)
@@ -145,7 +163,10 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return (false, format!("did not exit after SIGTERM: {}", drain_stderr(&mut child)));
+                return (
+                    false,
+                    format!("did not exit after SIGTERM: {}", drain_stderr(&mut child)),
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -159,7 +180,11 @@ impl Agent {
     /// `spool export`, parsed (agent must be stopped).
     pub fn export(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["spool", "export"]);
-        assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "export failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout)
             .unwrap()
             .lines()
@@ -195,12 +220,17 @@ fn drain_stderr(child: &mut Child) -> String {
 
 /// Sends signal `sig` (e.g. "TERM", "KILL") to `pid` with kill(1).
 pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// Reads a test fixture from `tests/fixtures/`.
 pub fn fixture(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

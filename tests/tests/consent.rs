@@ -28,7 +28,14 @@ fn key() -> String {
 
 fn set_consent(agent: &Agent, body: &str) -> serde_json::Value {
     let auth = key();
-    let r = request(agent.addr, "PUT", "/v1/consent", &[("Authorization", auth.as_str())], body.as_bytes()).unwrap();
+    let r = request(
+        agent.addr,
+        "PUT",
+        "/v1/consent",
+        &[("Authorization", auth.as_str())],
+        body.as_bytes(),
+    )
+    .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
 }
@@ -44,32 +51,59 @@ fn denied_events_never_reach_the_spool_file() {
     assert_eq!(r.status, 200, "{}", r.body);
     // An event the user did consent to, from the Segment context, is kept.
     let granted = r#"{"event":"Play","userId":"u2","properties":{"ok":true},"context":{"consent":{"categoryPreferences":{"Analytics":true}}}}"#;
-    assert_eq!(post(agent.addr, "/v1/track", &key(), granted.as_bytes()).unwrap().status, 200);
+    assert_eq!(
+        post(agent.addr, "/v1/track", &key(), granted.as_bytes())
+            .unwrap()
+            .status,
+        200
+    );
     let status = agent.status();
     assert_eq!(status["totals"]["dropped"]["consent_denied"], 1);
     assert!(agent.stop_term().0);
 
     let bytes = std::fs::read(agent.spool_file()).unwrap();
-    assert!(!bytes.windows(canary.len()).any(|w| w == canary.as_bytes()), "canary found in the spool file");
+    assert!(
+        !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+        "canary found in the spool file"
+    );
     let events = agent.export();
-    assert!(events.iter().any(|e| e["identities"]["user_id"] == "u2" && e["kind"] == "track"));
-    assert!(!events.iter().any(|e| e["identities"]["user_id"] == "u1" && e["kind"] == "track"));
+    assert!(events
+        .iter()
+        .any(|e| e["identities"]["user_id"] == "u2" && e["kind"] == "track"));
+    assert!(!events
+        .iter()
+        .any(|e| e["identities"]["user_id"] == "u1" && e["kind"] == "track"));
     // The consent change itself travels as an event.
-    assert!(events.iter().any(|e| e["kind"] == "consent" && e["identities"]["user_id"] == "u2"));
+    assert!(events
+        .iter()
+        .any(|e| e["kind"] == "consent" && e["identities"]["user_id"] == "u2"));
 }
 
 #[test]
 fn revoking_a_purpose_purges_queued_events_and_is_remembered() {
     let mut agent = Agent::new(&config(), "");
     agent.start();
-    set_consent(&agent, r#"{"userId":"u1","purposes":{"analytics":true,"advertising":true}}"#);
+    set_consent(
+        &agent,
+        r#"{"userId":"u1","purposes":{"analytics":true,"advertising":true}}"#,
+    );
     set_consent(&agent, r#"{"userId":"u9","purposes":{"analytics":true}}"#);
     for i in 0..5 {
         let body = format!(r#"{{"event":"Play","userId":"u1","properties":{{"i":{i}}}}}"#);
-        assert_eq!(post(agent.addr, "/v1/track", &key(), body.as_bytes()).unwrap().status, 200);
+        assert_eq!(
+            post(agent.addr, "/v1/track", &key(), body.as_bytes())
+                .unwrap()
+                .status,
+            200
+        );
     }
     let other = r#"{"event":"Play","userId":"u9"}"#;
-    assert_eq!(post(agent.addr, "/v1/track", &key(), other.as_bytes()).unwrap().status, 200);
+    assert_eq!(
+        post(agent.addr, "/v1/track", &key(), other.as_bytes())
+            .unwrap()
+            .status,
+        200
+    );
     // The user withdraws analytics consent.
     let changed = set_consent(&agent, r#"{"userId":"u1","purposes":{"analytics":false}}"#);
     assert_eq!(changed["changed"], true);
@@ -78,13 +112,28 @@ fn revoking_a_purpose_purges_queued_events_and_is_remembered() {
     assert!(agent.stop_term().0);
 
     let events = agent.export();
-    let tracks = |user: &str| events.iter().filter(|e| e["kind"] == "track" && e["identities"]["user_id"] == user).count();
+    let tracks = |user: &str| {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "track" && e["identities"]["user_id"] == user)
+            .count()
+    };
     assert_eq!(tracks("u1"), 0, "revoked user's events still queued");
     assert_eq!(tracks("u9"), 1, "another user's events were purged");
 
     // After a restart the revocation still holds.
     agent.start();
-    assert_eq!(post(agent.addr, "/v1/track", &key(), br#"{"event":"Play","userId":"u1"}"#).unwrap().status, 200);
+    assert_eq!(
+        post(
+            agent.addr,
+            "/v1/track",
+            &key(),
+            br#"{"event":"Play","userId":"u1"}"#
+        )
+        .unwrap()
+        .status,
+        200
+    );
     let status = agent.status();
     assert_eq!(status["totals"]["dropped"]["consent_denied"], 1);
     assert_eq!(status["totals"]["dropped"]["consent_purged"], 5);
@@ -99,10 +148,23 @@ fn mparticle_ccpa_opt_out_drops_sale_events_only() {
                          "ccpa":{"data_sale_opt_out":{"consented":true,"timestamp_unixtime_ms":1}}},
         "events":[{"event_type":"custom_event","data":{"event_name":"Play"}},
                   {"event_type":"custom_event","data":{"event_name":"Ad Clicked"}}]}"#;
-    let r = post(agent.addr, "/v2/events", &basic("mp-key", "mp-secret"), body.as_bytes()).unwrap();
+    let r = post(
+        agent.addr,
+        "/v2/events",
+        &basic("mp-key", "mp-secret"),
+        body.as_bytes(),
+    )
+    .unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(agent.status()["totals"]["dropped"]["consent_denied"], 1);
     assert!(agent.stop_term().0);
-    let names: Vec<_> = agent.export().iter().filter_map(|e| e["name"].as_str().map(str::to_owned)).collect();
-    assert!(names.contains(&"Play".to_owned()) && !names.contains(&"Ad Clicked".to_owned()), "{names:?}");
+    let names: Vec<_> = agent
+        .export()
+        .iter()
+        .filter_map(|e| e["name"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        names.contains(&"Play".to_owned()) && !names.contains(&"Ad Clicked".to_owned()),
+        "{names:?}"
+    );
 }

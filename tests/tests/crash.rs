@@ -61,17 +61,34 @@ fn acked_events_survive_twenty_sigkills_exactly_once() {
         let exported = agent.export();
         let mut seen: HashMap<String, usize> = HashMap::new();
         for e in &exported {
-            *seen.entry(e["message_id"].as_str().unwrap().to_owned()).or_default() += 1;
+            *seen
+                .entry(e["message_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
         }
         let acked = acked.lock().unwrap();
         for id in acked.iter() {
-            assert_eq!(seen.get(id).copied(), Some(1), "round {round}: acked event {id} stored {:?} times", seen.get(id));
+            assert_eq!(
+                seen.get(id).copied(),
+                Some(1),
+                "round {round}: acked event {id} stored {:?} times",
+                seen.get(id)
+            );
         }
-        assert!(seen.values().all(|n| *n == 1), "round {round}: duplicate events in the spool");
+        assert!(
+            seen.values().all(|n| *n == 1),
+            "round {round}: duplicate events in the spool"
+        );
         let check = agent.cli(&["check"]);
-        assert!(check.status.success(), "round {round}: check failed: {}", String::from_utf8_lossy(&check.stderr));
+        assert!(
+            check.status.success(),
+            "round {round}: check failed: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
         total_acked = acked.len();
     }
-    assert!(total_acked > KILLS * EVENTS_PER_REQUEST, "too little load to mean anything: {total_acked}");
+    assert!(
+        total_acked > KILLS * EVENTS_PER_REQUEST,
+        "too little load to mean anything: {total_acked}"
+    );
     eprintln!("{KILLS} kills, {total_acked} acked events, all present exactly once");
 }

@@ -36,7 +36,11 @@ fn a_full_disk_answers_507_keeps_serving_and_recovers() {
     // Leave little room, then write until the disk is full.
     let filler = mount.0.join("filler");
     let free = fs_free(&mount.0);
-    std::fs::write(&filler, vec![0u8; (free.saturating_sub(512 * 1024)) as usize]).unwrap();
+    std::fs::write(
+        &filler,
+        vec![0u8; (free.saturating_sub(512 * 1024)) as usize],
+    )
+    .unwrap();
     let mut acked = Vec::new();
     let mut got_507 = None;
     for i in 0..5_000 {
@@ -76,15 +80,27 @@ fn a_full_disk_answers_507_keeps_serving_and_recovers() {
     assert!(agent.stop_term().0);
     let exported = agent.export();
     for id in &acked {
-        assert!(exported.iter().any(|e| e["message_id"] == id.as_str()), "acked {id} lost");
+        assert!(
+            exported.iter().any(|e| e["message_id"] == id.as_str()),
+            "acked {id} lost"
+        );
     }
     assert!(exported.iter().any(|e| e["message_id"] == "after-1"));
     let check = agent.cli(&["check"]);
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 fn fs_free(path: &std::path::Path) -> u64 {
-    let out = Command::new("df").arg("-B1").arg("--output=avail").arg(path).output().unwrap();
+    let out = Command::new("df")
+        .arg("-B1")
+        .arg("--output=avail")
+        .arg(path)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .nth(1)

@@ -18,13 +18,31 @@ fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv");
     let py = venv.join("bin/python");
     if !py.exists() {
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap().success();
-        assert!(ok, "python3 -m venv failed (Debian: apt-get install python3-venv)");
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "python3 -m venv failed (Debian: apt-get install python3-venv)"
+        );
     }
-    let has = Command::new(&py).args(["-c", "import segment.analytics"]).status().unwrap().success();
+    let has = Command::new(&py)
+        .args(["-c", "import segment.analytics"])
+        .status()
+        .unwrap()
+        .success();
     if !has {
         let ok = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", "segment-analytics-python"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "segment-analytics-python",
+            ])
             .status()
             .unwrap()
             .success();
@@ -69,7 +87,12 @@ fn segment_python_library_events_arrive_intact() {
     );
     assert!(agent.stop_term().0);
     let events = agent.export();
-    let of_kind = |k: &str| events.iter().find(|e| e["kind"] == k).unwrap_or_else(|| panic!("no {k}: {events:?}"));
+    let of_kind = |k: &str| {
+        events
+            .iter()
+            .find(|e| e["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k}: {events:?}"))
+    };
 
     let identify = of_kind("identify");
     assert_eq!(identify["identities"]["user_id"], "py-user-1");
@@ -84,11 +107,17 @@ fn segment_python_library_events_arrive_intact() {
     assert_eq!(track["properties"]["hd"], true);
     assert_eq!(track["properties"]["tags"], serde_json::json!(["a", "b"]));
     // The library's messageId (a UUID) became the event id.
-    assert!(track["message_id"].is_null(), "UUID message ids are the event id");
+    assert!(
+        track["message_id"].is_null(),
+        "UUID message ids are the event id"
+    );
 
     let screen = of_kind("screen");
     assert_eq!(screen["name"], "Account");
     assert_eq!(screen["properties"]["tab"], "privacy");
     assert_eq!(screen["properties"]["category"], "Settings");
-    assert_eq!(events.iter().filter(|e| e["source"] == "segment").count(), 3);
+    assert_eq!(
+        events.iter().filter(|e| e["source"] == "segment").count(),
+        3
+    );
 }

@@ -33,7 +33,10 @@ mod tests {
     fn segment_style_key_without_password_decodes() {
         let mut h = HeaderMap::new();
         // "dev-write-key:" in base64
-        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic ZGV2LXdyaXRlLWtleTo="));
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic ZGV2LXdyaXRlLWtleTo="),
+        );
         assert_eq!(basic(&h), Some(("dev-write-key".into(), String::new())));
     }
 

@@ -35,14 +35,17 @@ impl ApiError {
     }
 
     pub fn into_reply(self) -> Reply {
-        let body = serde_json::json!({ "success": false, "error": self.code, "message": self.message });
+        let body =
+            serde_json::json!({ "success": false, "error": self.code, "message": self.message });
         let mut r = json(self.status, &body);
         if let Some(secs) = self.retry_after_secs {
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"edge-agent\""));
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"edge-agent\""),
+            );
         }
         r
     }
@@ -51,8 +54,12 @@ impl ApiError {
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {
-            IngestError::Malformed(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
-            IngestError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
+            IngestError::Malformed(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+            }
+            IngestError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+            }
         }
     }
 }
@@ -64,9 +71,12 @@ impl From<SpoolError> for ApiError {
             SpoolError::LaneFull { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "lane_full", message).retry_after(1)
             }
-            SpoolError::DiskFull(_) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message),
+            SpoolError::DiskFull(_) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+            }
             SpoolError::Unavailable(_) | SpoolError::Closed => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+                    .retry_after(1)
             }
             SpoolError::UnknownLane(_) | SpoolError::Storage(_) | SpoolError::Corrupt(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", message)

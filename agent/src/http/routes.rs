@@ -76,7 +76,11 @@ impl Api {
         match (&method, path.as_str()) {
             (&Method::GET, "/v1/status") => Ok(json(
                 StatusCode::OK,
-                &status(self.intake.spool(), self.device_id.clone(), self.config.agent.fleet),
+                &status(
+                    self.intake.spool(),
+                    self.device_id.clone(),
+                    self.config.agent.fleet,
+                ),
             )),
             (&Method::GET, "/metrics") => Ok(with_type(
                 StatusCode::OK,
@@ -101,20 +105,24 @@ impl Api {
                     Err(not_found(p))
                 }
             }
-            (_, "/v1/status" | "/metrics" | "/health" | "/v2/events" | "/v2/bulkevents" | "/v1/consent") => {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("{method} is not allowed on {path}"),
-                ))
-            }
+            (
+                _,
+                "/v1/status" | "/metrics" | "/health" | "/v2/events" | "/v2/bulkevents"
+                | "/v1/consent",
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}"),
+            )),
             (_, p) => Err(not_found(p)),
         }
     }
 
     async fn segment(&self, call: &str, req: Request<Body>) -> Result<Reply, ApiError> {
         let header_key = basic(req.headers()).map(|(user, _)| user);
-        let body = self.read_body(req, self.config.segment.max_batch_size.0).await?;
+        let body = self
+            .read_body(req, self.config.segment.max_batch_size.0)
+            .await?;
         let limits = segment::Limits {
             max_event: self.config.segment.max_event_size.0,
             max_batch: self.config.segment.max_batch_size.0,
@@ -128,7 +136,10 @@ impl Api {
             self.check_write_key(parsed.write_key.as_deref())?;
         }
         self.intake.submit(parsed.events).await?;
-        Ok(json(StatusCode::OK, &serde_json::json!({ "success": true })))
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "success": true }),
+        ))
     }
 
     async fn mparticle(&self, req: Request<Body>, bulk: bool) -> Result<Reply, ApiError> {
@@ -139,21 +150,41 @@ impl Api {
                     .any(|k| same_secret(&k.key, &key) && same_secret(&k.secret, &secret))
             });
             if !ok {
-                return Err(unauthorized("mParticle API key and secret (HTTP Basic) are missing or wrong"));
+                return Err(unauthorized(
+                    "mParticle API key and secret (HTTP Basic) are missing or wrong",
+                ));
             }
         }
-        let body = self.read_body(req, self.config.mparticle.max_request_size.0).await?;
-        let events = mparticle::parse(&body, bulk, self.config.mparticle.max_request_size.0, now_ms())?;
+        let body = self
+            .read_body(req, self.config.mparticle.max_request_size.0)
+            .await?;
+        let events = mparticle::parse(
+            &body,
+            bulk,
+            self.config.mparticle.max_request_size.0,
+            now_ms(),
+        )?;
         self.intake.submit(events).await?;
-        Ok(with_type(StatusCode::ACCEPTED, "application/json", Bytes::new()))
+        Ok(with_type(
+            StatusCode::ACCEPTED,
+            "application/json",
+            Bytes::new(),
+        ))
     }
 
     async fn consent(&self, req: Request<Body>) -> Result<Reply, ApiError> {
         let header_key = basic(req.headers()).map(|(user, _)| user);
         self.check_write_key(header_key.as_deref())?;
-        let body = self.read_body(req, self.config.segment.max_event_size.0).await?;
-        let body: ConsentBody = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("consent body: {e}")))?;
+        let body = self
+            .read_body(req, self.config.segment.max_event_size.0)
+            .await?;
+        let body: ConsentBody = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("consent body: {e}"),
+            )
+        })?;
         if body.user_id.is_none() && body.anonymous_id.is_none() && body.device_id.is_none() {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -220,12 +251,22 @@ impl Api {
             Err(_) => Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "body_timeout",
-                format!("request body not received within {:?}", self.limits.body_timeout),
+                format!(
+                    "request body not received within {:?}",
+                    self.limits.body_timeout
+                ),
             )),
-            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
                 Err(too_large("larger".into()))
             }
-            Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("reading the body: {e}"))),
+            Ok(Err(e)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("reading the body: {e}"),
+            )),
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
     }
@@ -245,7 +286,11 @@ struct ConsentBody {
 }
 
 fn not_found(path: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint at {path}"))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no endpoint at {path}"),
+    )
 }
 
 fn unauthorized(message: &str) -> ApiError {

@@ -56,7 +56,12 @@ const DEVICE_ID_FIELDS: [&str; 5] = [
 ];
 
 /// Parses `/v2/events` (`bulk = false`) or `/v2/bulkevents` (`bulk = true`).
-pub fn parse(body: &[u8], bulk: bool, max_request: u64, now_ms: i64) -> Result<Vec<Incoming>, IngestError> {
+pub fn parse(
+    body: &[u8],
+    bulk: bool,
+    max_request: u64,
+    now_ms: i64,
+) -> Result<Vec<Incoming>, IngestError> {
     if body.len() as u64 > max_request {
         return Err(IngestError::TooLarge {
             what: "request body",
@@ -71,16 +76,27 @@ pub fn parse(body: &[u8], bulk: bool, max_request: u64, now_ms: i64) -> Result<V
     };
     let mut out = Vec::new();
     for (b, batch) in batches.into_iter().enumerate() {
-        let at = if bulk { format!("[{b}]") } else { String::new() };
+        let at = if bulk {
+            format!("[{b}]")
+        } else {
+            String::new()
+        };
         convert_batch(batch, &at, now_ms, &mut out)?;
     }
     if out.is_empty() {
-        return Err(IngestError::Malformed("events: no events in the request".into()));
+        return Err(IngestError::Malformed(
+            "events: no events in the request".into(),
+        ));
     }
     Ok(out)
 }
 
-fn convert_batch(batch: Batch, at: &str, now_ms: i64, out: &mut Vec<Incoming>) -> Result<(), IngestError> {
+fn convert_batch(
+    batch: Batch,
+    at: &str,
+    now_ms: i64,
+    out: &mut Vec<Incoming>,
+) -> Result<(), IngestError> {
     let mut context = Map::new();
     if let Some(app) = batch.application_info {
         context.insert("app", Value::Object(app));
@@ -161,7 +177,10 @@ fn convert_batch(batch: Batch, at: &str, now_ms: i64, out: &mut Vec<Incoming>) -
 }
 
 fn convert_event(mp: MpEvent, at: &str, now_ms: i64) -> Result<Event, IngestError> {
-    let MpEvent { event_type, mut data } = mp;
+    let MpEvent {
+        event_type,
+        mut data,
+    } = mp;
     let kind = match event_type.as_str() {
         "custom_event" => EventKind::Track,
         "screen_view" => EventKind::Screen,
@@ -200,7 +219,9 @@ fn convert_event(mp: MpEvent, at: &str, now_ms: i64) -> Result<Event, IngestErro
         _ => None,
     };
     if kind == EventKind::Track && e.name.is_none() {
-        return Err(IngestError::Malformed(format!("{at}.data.event_name: missing")));
+        return Err(IngestError::Malformed(format!(
+            "{at}.data.event_name: missing"
+        )));
     }
     if let Some(Value::String(session)) = data.remove("session_uuid") {
         e.identities.session_id = Some(session);
@@ -230,7 +251,16 @@ mod tests {
     fn fixture_batch_maps_every_event() {
         let events = parse(FIXTURE, false, 256 * 1024, 0).unwrap();
         let kinds: Vec<_> = events.iter().map(|i| i.event.kind.as_str()).collect();
-        assert_eq!(kinds, ["session_start", "screen", "track", "commerce", "session_end"]);
+        assert_eq!(
+            kinds,
+            [
+                "session_start",
+                "screen",
+                "track",
+                "commerce",
+                "session_end"
+            ]
+        );
         let play = &events[2].event;
         assert_eq!(play.name.as_deref(), Some("Video Played"));
         assert_eq!(play.properties.get_str("title"), Some("Harbour Lights"));
@@ -238,16 +268,25 @@ mod tests {
         assert_eq!(play.identities.user_id.as_deref(), Some("cust-2002"));
         assert_eq!(play.timestamp_ms, 1_795_773_520_000);
         assert_eq!(play.message_id.as_deref(), Some("mp-msg-0003"));
-        assert_eq!(events[2].device_hint.as_deref(), Some("a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"));
+        assert_eq!(
+            events[2].device_hint.as_deref(),
+            Some("a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d")
+        );
         let consent = events[0].consent.as_ref().unwrap();
         assert_eq!(consent.ccpa_opt_out, Some(true));
-        assert!(consent.purposes.contains(&("advertising".to_owned(), false)));
+        assert!(consent
+            .purposes
+            .contains(&("advertising".to_owned(), false)));
         assert!(events[3].event.properties.get("product_action").is_some());
     }
 
     #[test]
     fn bulk_takes_an_array_of_batches() {
-        let body = format!("[{},{}]", String::from_utf8_lossy(FIXTURE), String::from_utf8_lossy(FIXTURE));
+        let body = format!(
+            "[{},{}]",
+            String::from_utf8_lossy(FIXTURE),
+            String::from_utf8_lossy(FIXTURE)
+        );
         assert_eq!(parse(body.as_bytes(), true, 1 << 20, 0).unwrap().len(), 10);
     }
 
@@ -259,6 +298,9 @@ mod tests {
 
     #[test]
     fn batch_without_events_is_malformed() {
-        assert!(matches!(parse(b"{}", false, 1024, 0), Err(IngestError::Malformed(_))));
+        assert!(matches!(
+            parse(b"{}", false, 1024, 0),
+            Err(IngestError::Malformed(_))
+        ));
     }
 }

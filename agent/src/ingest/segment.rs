@@ -119,8 +119,7 @@ pub fn parse(
         return Err(IngestError::Malformed(format!("unknown call `{call}`")));
     }
     check_size("the event", body.len(), limits.max_event)?;
-    let msg: Message =
-        serde_json::from_slice(body).map_err(|e| IngestError::json("body", &e))?;
+    let msg: Message = serde_json::from_slice(body).map_err(|e| IngestError::json("body", &e))?;
     let write_key = msg.write_key.clone();
     let incoming = convert(call, msg, "body", now_ms)?;
     Ok(SegmentRequest {
@@ -164,7 +163,10 @@ fn convert(call: &str, msg: Message, at: &str, now_ms: i64) -> Result<Incoming, 
     }
     e.name = match kind {
         EventKind::Track => {
-            let name = msg.event.filter(|n| !n.is_empty()).ok_or_else(|| missing("event"))?;
+            let name = msg
+                .event
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| missing("event"))?;
             Some(name)
         }
         EventKind::Page | EventKind::Screen => msg.name,
@@ -172,7 +174,10 @@ fn convert(call: &str, msg: Message, at: &str, now_ms: i64) -> Result<Incoming, 
     };
     let ids = &mut e.identities;
     ids.user_id = msg.user_id.map(Id::into_string).filter(|s| !s.is_empty());
-    ids.anonymous_id = msg.anonymous_id.map(Id::into_string).filter(|s| !s.is_empty());
+    ids.anonymous_id = msg
+        .anonymous_id
+        .map(Id::into_string)
+        .filter(|s| !s.is_empty());
     ids.group_id = msg.group_id.map(Id::into_string);
     ids.previous_id = msg.previous_id.map(Id::into_string);
     if kind == EventKind::Group && ids.group_id.is_none() {
@@ -196,7 +201,8 @@ fn convert(call: &str, msg: Message, at: &str, now_ms: i64) -> Result<Incoming, 
     e.traits = msg.traits.unwrap_or_default();
     e.context = msg.context.unwrap_or_default();
     if let Some(integrations) = msg.integrations {
-        e.context.insert("integrations", Value::Object(integrations));
+        e.context
+            .insert("integrations", Value::Object(integrations));
     }
     let consent = e
         .context
@@ -240,12 +246,20 @@ mod tests {
         let req = parse("batch", body, LIMITS, 0).unwrap();
         assert_eq!(req.write_key.as_deref(), Some("dev-write-key"));
         let kinds: Vec<_> = req.events.iter().map(|i| i.event.kind.as_str()).collect();
-        assert_eq!(kinds, ["identify", "track", "screen", "page", "group", "track"]);
+        assert_eq!(
+            kinds,
+            ["identify", "track", "screen", "page", "group", "track"]
+        );
         let identify = &req.events[0];
-        assert_eq!(identify.event.traits.get_str("email"), Some("ada@example.com"));
+        assert_eq!(
+            identify.event.traits.get_str("email"),
+            Some("ada@example.com")
+        );
         assert_eq!(identify.device_hint.as_deref(), Some("roku-4a7f9c2e"));
         let consent = identify.consent.as_ref().unwrap();
-        assert!(consent.purposes.contains(&("advertising".to_owned(), false)));
+        assert!(consent
+            .purposes
+            .contains(&("advertising".to_owned(), false)));
         // Batch-level context reaches every event.
         let screen = &req.events[2].event;
         assert_eq!(
@@ -269,7 +283,13 @@ mod tests {
         let big = "x".repeat(40 * 1024);
         let body = format!(r#"{{"batch":[{{"type":"track","event":"{big}"}}]}}"#);
         let err = parse("batch", body.as_bytes(), LIMITS, 0).unwrap_err();
-        assert!(matches!(err, IngestError::TooLarge { what: "an event", .. }));
+        assert!(matches!(
+            err,
+            IngestError::TooLarge {
+                what: "an event",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -62,7 +62,9 @@ impl<'de> Deserialize<'de> for EventId {
 }
 
 /// Per-agent sequence number, assigned by the spool at commit; 0 = not yet spooled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 pub struct Seq(pub u64);
 
 /// Identity of the device an event came from.

@@ -58,7 +58,10 @@ pub enum SpoolError {
 impl SpoolError {
     /// Errors that concern one request only; the rest of its group still commits.
     fn is_request_level(&self) -> bool {
-        matches!(self, SpoolError::LaneFull { .. } | SpoolError::UnknownLane(_))
+        matches!(
+            self,
+            SpoolError::LaneFull { .. } | SpoolError::UnknownLane(_)
+        )
     }
 
     fn from_redb(e: redb::Error) -> Self {
@@ -137,7 +140,9 @@ pub(crate) struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("store", &self.store).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,9 +196,15 @@ impl Spool {
         ))
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, SpoolError>>) -> Command) -> Result<T, SpoolError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, SpoolError>>) -> Command,
+    ) -> Result<T, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| SpoolError::Closed)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| SpoolError::Closed)?;
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
@@ -219,7 +230,8 @@ impl Spool {
     /// Removes delivered events; returns how many were still there.
     pub async fn remove(&self, lane: &str, seqs: Vec<Seq>) -> Result<usize, SpoolError> {
         let lane = lane.to_owned();
-        self.call(|reply| Command::Remove { lane, seqs, reply }).await
+        self.call(|reply| Command::Remove { lane, seqs, reply })
+            .await
     }
 
     /// Drops events past their lane's TTL; returns how many.
@@ -234,7 +246,11 @@ impl Spool {
 
     /// Counters as of the last commit.
     pub fn stats(&self) -> SpoolStats {
-        self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Per-lane levels with the age of their oldest event.
@@ -263,7 +279,10 @@ impl Spool {
     }
 
     /// Calls `f` with every queued event, lane by lane, each lane in seq order.
-    pub fn for_each_event(&self, mut f: impl FnMut(&Event) -> Result<(), SpoolError>) -> Result<u64, SpoolError> {
+    pub fn for_each_event(
+        &self,
+        mut f: impl FnMut(&Event) -> Result<(), SpoolError>,
+    ) -> Result<u64, SpoolError> {
         let mut n = 0;
         for lane in &self.shared.lanes {
             let mut after = Seq(0);
@@ -285,10 +304,10 @@ impl Spool {
     /// counters match the tables. Returns a description of the first problem found.
     pub fn check(&self) -> Result<Vec<String>, SpoolError> {
         let mut problems = Vec::new();
-        let intact = self
-            .shared
-            .store
-            .with_db_mut(|db| db.check_integrity().map_err(|e| SpoolError::Storage(e.to_string())))?;
+        let intact = self.shared.store.with_db_mut(|db| {
+            db.check_integrity()
+                .map_err(|e| SpoolError::Storage(e.to_string()))
+        })?;
         if !intact {
             problems.push("redb integrity check failed (the file was repaired)".to_owned());
         }
@@ -343,7 +362,11 @@ impl Spool {
     pub async fn close(&self) {
         // If the queue is closed already, the writer is gone too.
         let _ = self.tx.send(Command::Stop).await;
-        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
@@ -356,7 +379,11 @@ impl Drop for Spool {
     fn drop(&mut self) {
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.tx, closed));
-        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }

@@ -64,7 +64,11 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub(crate) fn open(path: &Path, cache_size: usize, lanes: Vec<String>) -> Result<Self, SpoolError> {
+    pub(crate) fn open(
+        path: &Path,
+        cache_size: usize,
+        lanes: Vec<String>,
+    ) -> Result<Self, SpoolError> {
         let store = Store {
             path: path.to_owned(),
             cache_size,
@@ -109,7 +113,9 @@ impl Store {
         let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
         match guard.as_ref() {
             Some(db) => f(db),
-            None => Err(SpoolError::Unavailable("the spool file is being reopened".into())),
+            None => Err(SpoolError::Unavailable(
+                "the spool file is being reopened".into(),
+            )),
         }
     }
 
@@ -121,7 +127,9 @@ impl Store {
         let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
         match guard.as_mut() {
             Some(db) => f(db),
-            None => Err(SpoolError::Unavailable("the spool file is being reopened".into())),
+            None => Err(SpoolError::Unavailable(
+                "the spool file is being reopened".into(),
+            )),
         }
     }
 
@@ -135,7 +143,10 @@ impl Store {
     }
 
     pub(crate) fn is_open(&self) -> bool {
-        self.db.read().unwrap_or_else(PoisonError::into_inner).is_some()
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     pub(crate) fn load_stats(&self) -> Result<SpoolStats, SpoolError> {
@@ -178,8 +189,7 @@ impl Store {
                 let txn = db.begin_write().spool()?;
                 {
                     let mut meta = txn.open_table(META).spool()?;
-                    meta.insert(DEVICE_ID_KEY, device_id.as_bytes())
-                        .spool()?;
+                    meta.insert(DEVICE_ID_KEY, device_id.as_bytes()).spool()?;
                 }
                 txn.commit().spool()
             })?;
@@ -202,7 +212,9 @@ impl Store {
                 let (k, v) = row.spool()?;
                 let state = postcard::from_bytes(v.value())
                     .map_err(|e| SpoolError::Corrupt(format!("device `{}`: {e}", k.value())))?;
-                recovered.devices.insert(DeviceId(k.value().to_owned()), state);
+                recovered
+                    .devices
+                    .insert(DeviceId(k.value().to_owned()), state);
             }
             Ok(())
         })?;
@@ -210,7 +222,12 @@ impl Store {
     }
 
     /// Up to `max` events of `lane` with seq greater than `after`, in seq order.
-    pub(crate) fn read(&self, lane: &str, after: Seq, max: usize) -> Result<Vec<Event>, SpoolError> {
+    pub(crate) fn read(
+        &self,
+        lane: &str,
+        after: Seq,
+        max: usize,
+    ) -> Result<Vec<Event>, SpoolError> {
         self.with_db(|db| {
             let txn = db.begin_read().spool()?;
             let name = lane_table(lane);

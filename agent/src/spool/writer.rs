@@ -13,7 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::stats::SpoolStats;
-use super::store::{decode_event, lane_def, lane_table, CONSENT, DEVICES, DEVICE_COUNTS, META, STATS_KEY};
+use super::store::{
+    decode_event, lane_def, lane_table, CONSENT, DEVICES, DEVICE_COUNTS, META, STATS_KEY,
+};
 use super::{AppendOutcome, AppendRequest, RedbResultExt, Shared, SpoolError};
 use crate::config::WhenFull;
 use crate::model::Seq;
@@ -25,7 +27,10 @@ pub(crate) const MAX_GROUP: usize = 128;
 const MAX_SWEEP: usize = 10_000;
 
 pub(crate) enum Command {
-    Append(AppendRequest, oneshot::Sender<Result<AppendOutcome, SpoolError>>),
+    Append(
+        AppendRequest,
+        oneshot::Sender<Result<AppendOutcome, SpoolError>>,
+    ),
     Remove {
         lane: String,
         seqs: Vec<Seq>,
@@ -40,7 +45,10 @@ pub(crate) enum Command {
 }
 
 enum Reply {
-    Append(oneshot::Sender<Result<AppendOutcome, SpoolError>>, Result<AppendOutcome, SpoolError>),
+    Append(
+        oneshot::Sender<Result<AppendOutcome, SpoolError>>,
+        Result<AppendOutcome, SpoolError>,
+    ),
     Remove(oneshot::Sender<Result<usize, SpoolError>>, usize),
     Sweep(oneshot::Sender<Result<u64, SpoolError>>, u64),
 }
@@ -66,7 +74,9 @@ impl Reply {
 
 pub(crate) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>, mut stats: SpoolStats) {
     loop {
-        let Some(first) = rx.blocking_recv() else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -118,8 +128,12 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                 Command::Stop => {}
             }
         }
-        let encoded = postcard::to_stdvec(&tentative).map_err(|e| SpoolError::Storage(e.to_string()))?;
-        txn.open_table(META).spool()?.insert(STATS_KEY, encoded.as_slice()).spool()?;
+        let encoded =
+            postcard::to_stdvec(&tentative).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        txn.open_table(META)
+            .spool()?
+            .insert(STATS_KEY, encoded.as_slice())
+            .spool()?;
         txn.commit().spool()
     });
     match result {
@@ -155,7 +169,11 @@ fn fail_command(cmd: Command, e: &SpoolError) {
 }
 
 fn recover(shared: &Shared, stats: &mut SpoolStats) {
-    match shared.store.reopen().and_then(|()| shared.store.load_stats()) {
+    match shared
+        .store
+        .reopen()
+        .and_then(|()| shared.store.load_stats())
+    {
         Ok(fresh) => {
             *stats = fresh;
             *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
@@ -171,8 +189,13 @@ fn maybe_compact(shared: &Shared, stats: &mut SpoolStats) {
         return;
     }
     stats.removed_since_compact = 0;
-    match shared.store.with_db_mut(|db| db.compact().map_err(|e| SpoolError::Storage(e.to_string()))) {
-        Ok(_) => info!(path = %shared.store.path().display(), "Spool file compacted after a large drain."),
+    match shared
+        .store
+        .with_db_mut(|db| db.compact().map_err(|e| SpoolError::Storage(e.to_string())))
+    {
+        Ok(_) => {
+            info!(path = %shared.store.path().display(), "Spool file compacted after a large drain.")
+        }
         Err(e) => warn!(error = %e, "Spool compaction failed; will retry after the next drain."),
     }
 }
@@ -185,8 +208,12 @@ fn append(
 ) -> Result<AppendOutcome, SpoolError> {
     // Consent changes are the user's decision: kept even if the events are refused.
     for change in &req.consent {
-        let state = postcard::to_stdvec(&change.state).map_err(|e| SpoolError::Storage(e.to_string()))?;
-        txn.open_table(CONSENT).spool()?.insert(change.subject.as_str(), state.as_slice()).spool()?;
+        let state =
+            postcard::to_stdvec(&change.state).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        txn.open_table(CONSENT)
+            .spool()?
+            .insert(change.subject.as_str(), state.as_slice())
+            .spool()?;
         if !change.revoked.is_empty() {
             purge(shared, txn, stats, &change.subject, &change.revoked)?;
         }
@@ -194,7 +221,10 @@ fn append(
     stats.drops.consent_denied += req.denied;
     for (device, state) in &req.devices {
         let bytes = postcard::to_stdvec(state).map_err(|e| SpoolError::Storage(e.to_string()))?;
-        txn.open_table(DEVICES).spool()?.insert(device.0.as_str(), bytes.as_slice()).spool()?;
+        txn.open_table(DEVICES)
+            .spool()?
+            .insert(device.0.as_str(), bytes.as_slice())
+            .spool()?;
     }
 
     let mut seq = stats.next_seq;
@@ -218,7 +248,9 @@ fn append(
         *need.entry(lane.name.as_str()).or_default() += bytes.len() as u64;
     }
     for (lane_name, &bytes) in &need {
-        let Some(lane) = shared.lane(lane_name) else { continue };
+        let Some(lane) = shared.lane(lane_name) else {
+            continue;
+        };
         let level = stats.lanes.get(*lane_name).copied().unwrap_or_default();
         let over = level.bytes + bytes > lane.max_bytes.0;
         if bytes > lane.max_bytes.0 || (over && lane.when_full == WhenFull::Reject) {
@@ -230,7 +262,9 @@ fn append(
     }
     let mut dropped_oldest = 0;
     for (lane_name, &bytes) in &need {
-        let Some(lane) = shared.lane(lane_name) else { continue };
+        let Some(lane) = shared.lane(lane_name) else {
+            continue;
+        };
         if lane.when_full == WhenFull::DropOldest {
             dropped_oldest += make_room(txn, stats, lane_name, lane.max_bytes.0 - bytes)?;
         }
@@ -243,11 +277,16 @@ fn append(
     let count = encoded.len();
     for (event, bytes) in &encoded {
         let name = lane_table(&event.lane);
-        txn.open_table(lane_def(&name)).spool()?.insert(event.seq.0, bytes.as_slice()).spool()?;
+        txn.open_table(lane_def(&name))
+            .spool()?
+            .insert(event.seq.0, bytes.as_slice())
+            .spool()?;
         let level = stats.lane_mut(&event.lane);
         level.events += 1;
         level.bytes += bytes.len() as u64;
-        *per_device.entry(event.identities.device_id.0.as_str()).or_default() += 1;
+        *per_device
+            .entry(event.identities.device_id.0.as_str())
+            .or_default() += 1;
     }
     let mut counts = txn.open_table(DEVICE_COUNTS).spool()?;
     for (device, n) in per_device {
@@ -264,12 +303,19 @@ fn append(
 }
 
 /// Drops the oldest events of `lane` until at most `target` bytes are queued.
-fn make_room(txn: &WriteTransaction, stats: &mut SpoolStats, lane: &str, target: u64) -> Result<u64, SpoolError> {
+fn make_room(
+    txn: &WriteTransaction,
+    stats: &mut SpoolStats,
+    lane: &str,
+    target: u64,
+) -> Result<u64, SpoolError> {
     let name = lane_table(lane);
     let mut table = txn.open_table(lane_def(&name)).spool()?;
     let mut dropped = 0;
     while stats.lane_mut(lane).bytes > target {
-        let Some((_, v)) = table.pop_first().spool()? else { break };
+        let Some((_, v)) = table.pop_first().spool()? else {
+            break;
+        };
         let level = stats.lane_mut(lane);
         level.events = level.events.saturating_sub(1);
         level.bytes = level.bytes.saturating_sub(v.value().len() as u64);
@@ -279,7 +325,12 @@ fn make_room(txn: &WriteTransaction, stats: &mut SpoolStats, lane: &str, target:
     Ok(dropped)
 }
 
-fn remove(txn: &WriteTransaction, stats: &mut SpoolStats, lane: &str, seqs: &[Seq]) -> Result<usize, SpoolError> {
+fn remove(
+    txn: &WriteTransaction,
+    stats: &mut SpoolStats,
+    lane: &str,
+    seqs: &[Seq],
+) -> Result<usize, SpoolError> {
     if !stats.lanes.contains_key(lane) && seqs.is_empty() {
         return Ok(0);
     }
@@ -331,7 +382,12 @@ fn purge(
     Ok(())
 }
 
-fn sweep(shared: &Shared, txn: &WriteTransaction, stats: &mut SpoolStats, now_ms: i64) -> Result<u64, SpoolError> {
+fn sweep(
+    shared: &Shared,
+    txn: &WriteTransaction,
+    stats: &mut SpoolStats,
+    now_ms: i64,
+) -> Result<u64, SpoolError> {
     let mut expired = 0;
     for lane in &shared.lanes {
         let Some(ttl) = lane.ttl else { continue };
@@ -339,7 +395,9 @@ fn sweep(shared: &Shared, txn: &WriteTransaction, stats: &mut SpoolStats, now_ms
         let name = lane_table(&lane.name);
         let mut table = txn.open_table(lane_def(&name)).spool()?;
         while expired < MAX_SWEEP as u64 {
-            let Some((k, v)) = table.first().spool()? else { break };
+            let Some((k, v)) = table.first().spool()? else {
+                break;
+            };
             let event = decode_event(k.value(), v.value())?;
             if event.received_ms.saturating_add(ttl_ms) > now_ms {
                 break;
