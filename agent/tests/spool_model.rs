@@ -71,7 +71,7 @@ const LANES: [LaneSpec; 4] = [
 /// The config under test; `compact_after` is small so drains trigger compaction.
 fn config_text() -> String {
     let mut text = String::from(
-        "[agent]\ndevice_id = \"dev-1\"\n\n[spool]\ncache_size = \"1MiB\"\ncompact_after = \"16KiB\"\ndefault_lane = \"big\"\n",
+        "[agent]\ndevice_id = \"dev-1\"\n\n[spool]\ncache_size = \"1MiB\"\ncompact_after = \"8KiB\"\ndefault_lane = \"big\"\n",
     );
     for lane in &LANES {
         let when_full = match lane.when_full {
@@ -105,7 +105,8 @@ fn make_event(lane: &str, marker: u64, pad: usize, now_ms: i64) -> Event {
     e.lane = lane.to_owned();
     e.name = Some(format!("event-{marker}"));
     e.identities.device_id = DeviceId(DEVICE.to_owned());
-    e.properties.insert("marker", Value::String(format!("m-{marker}")));
+    e.properties
+        .insert("marker", Value::String(format!("m-{marker}")));
     if pad > 0 {
         e.properties.insert("pad", Value::String("x".repeat(pad)));
     }
@@ -219,19 +220,29 @@ struct EventSpec {
     pad: usize,
 }
 
+/// What happens to the handle right after a burst was enqueued.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    Await,
+    Crash,
+    Close,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
-    /// Append 1..20 events after the clock moved on by `advance_ms`.
+    /// Append 1..20 events after the clock moved on by `advance_ms`; with
+    /// `unknown_lane`, one of them names a lane that does not exist.
     Submit {
         events: Vec<EventSpec>,
         advance_ms: i64,
+        unknown_lane: bool,
     },
     /// Enqueue several appends before awaiting any (the writer may commit them in one
-    /// group); with `crash`, drop the handle first: the writer finishes what it was
-    /// given, and every answer must still arrive.
+    /// group), then, before awaiting the answers, maybe drop or close the handle: the
+    /// writer finishes what it was given, and every answer must still arrive.
     Burst {
         requests: Vec<Vec<EventSpec>>,
-        crash: bool,
+        then: Then,
     },
     /// Read up to `max` events of a lane and remove them (as the uplink does after an
     /// ack); `foreign` adds the seq of an event queued in another lane, which must stay.
@@ -241,9 +252,14 @@ enum Op {
         foreign: bool,
     },
     /// Read a page starting after the `skip`-th queued event.
-    Peek { lane: usize, skip: usize, max: usize },
-    /// Let `advance_ms` pass, then sweep expired events.
-    Sweep { advance_ms: i64 },
+    Peek {
+        lane: usize,
+        skip: usize,
+        max: usize,
+    },
+    /// Let `advance_ms` pass, then sweep expired events. With `to_expiry`, move the
+    /// clock instead to the instant the oldest event of a TTL lane expires.
+    Sweep { advance_ms: i64, to_expiry: bool },
     /// Drop the handle without `close()` and reopen the file.
     Crash,
     /// Copy the file while it is open, drop the handle, and open the copy.
@@ -275,17 +291,32 @@ fn events_strategy() -> impl Strategy<Value = Vec<EventSpec>> {
         })
 }
 
+/// A clock advance of up to `max` half-seconds. Coarse steps make events land exactly
+/// on their TTL now and then, so the boundary is exercised.
+fn clock_steps(max: i64) -> impl Strategy<Value = i64> {
+    (0..=max).prop_map(|n| n * 500)
+}
+
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (events_strategy(), 0i64..3_000)
-            .prop_map(|(events, advance_ms)| Op::Submit { events, advance_ms }),
-        2 => (prop::collection::vec(events_strategy(), 2..6), prop::bool::weighted(0.3))
-            .prop_map(|(requests, crash)| Op::Burst { requests, crash }),
+        8 => (events_strategy(), clock_steps(6), prop::bool::weighted(0.05)).prop_map(
+            |(events, advance_ms, unknown_lane)| Op::Submit {
+                events,
+                advance_ms,
+                unknown_lane,
+            }
+        ),
+        2 => (
+            prop::collection::vec(events_strategy(), 2..6),
+            prop_oneof![4 => Just(Then::Await), 1 => Just(Then::Crash), 1 => Just(Then::Close)],
+        )
+            .prop_map(|(requests, then)| Op::Burst { requests, then }),
         5 => (0..LANES.len(), 1usize..40, prop::bool::weighted(0.3))
             .prop_map(|(lane, max, foreign)| Op::Drain { lane, max, foreign }),
         1 => (0..LANES.len(), 0usize..40, 1usize..10)
             .prop_map(|(lane, skip, max)| Op::Peek { lane, skip, max }),
-        2 => (0i64..20_000).prop_map(|advance_ms| Op::Sweep { advance_ms }),
+        2 => (clock_steps(40), any::<bool>())
+            .prop_map(|(advance_ms, to_expiry)| Op::Sweep { advance_ms, to_expiry }),
         1 => Just(Op::Crash),
         1 => Just(Op::Kill),
         1 => Just(Op::Close),
@@ -367,21 +398,18 @@ impl Harness {
         expected
     }
 
-    fn check_append(
-        &mut self,
-        expected: &[Event],
-        result: Result<AppendOutcome, SpoolError>,
-    ) {
+    fn check_append(&mut self, expected: &[Event], result: Result<AppendOutcome, SpoolError>) {
         match (result, self.model.append(expected)) {
             (Ok(outcome), Ok(dropped)) => {
-                if dropped > 0 { eprintln!("STAT dropped_oldest"); }
                 assert_eq!(outcome.first_seq, expected[0].seq);
                 assert_eq!(outcome.count, expected.len());
                 assert_eq!(outcome.dropped_oldest, dropped);
             }
             (Err(SpoolError::LaneFull { lane, max_bytes }), Err(full)) => {
-                eprintln!("STAT lanefull {lane}");
-                assert!(full.contains(&lane.as_str()), "{lane} blamed, expected one of {full:?}");
+                assert!(
+                    full.contains(&lane.as_str()),
+                    "{lane} blamed, expected one of {full:?}"
+                );
                 assert_eq!(max_bytes, LANES[lane_index(&lane)].max_bytes);
             }
             (result, model) => {
@@ -390,8 +418,21 @@ impl Harness {
         }
     }
 
-    async fn submit(&mut self, specs: &[EventSpec]) {
-        let events = self.build_events(specs);
+    async fn submit(&mut self, specs: &[EventSpec], unknown_lane: bool) {
+        let mut events = self.build_events(specs);
+        if unknown_lane {
+            let last = events.len() - 1;
+            events[last].lane = "nope".to_owned();
+            let result = self
+                .spool()
+                .append(AppendRequest {
+                    events,
+                    ..AppendRequest::default()
+                })
+                .await;
+            assert_eq!(result, Err(SpoolError::UnknownLane("nope".to_owned())));
+            return;
+        }
         let expected = Self::with_seqs(&events, self.next_seq());
         let result = self
             .spool()
@@ -403,7 +444,7 @@ impl Harness {
         self.check_append(&expected, result);
     }
 
-    async fn burst(&mut self, requests: &[Vec<EventSpec>], crash: bool) {
+    async fn burst(&mut self, requests: &[Vec<EventSpec>], then: Then) {
         let mut next = self.next_seq();
         let mut answers = Vec::new();
         for specs in requests {
@@ -418,8 +459,14 @@ impl Harness {
                 .unwrap();
             answers.push((events, answer));
         }
-        if crash {
-            drop(self.spool.take());
+        match then {
+            Then::Await => {}
+            Then::Crash => drop(self.spool.take()),
+            Then::Close => {
+                let spool = self.spool.take().unwrap();
+                spool.close().await;
+                drop(spool);
+            }
         }
         for (events, answer) in answers {
             let result = answer.await.expect("every enqueued append is answered");
@@ -429,7 +476,7 @@ impl Harness {
             }
             self.check_append(&expected, result);
         }
-        if crash {
+        if self.spool.is_none() {
             self.open();
         }
     }
@@ -471,11 +518,17 @@ impl Harness {
         assert_eq!(page, expected, "lane {name}: {max} events after {after:?}");
     }
 
-    async fn sweep(&mut self, advance_ms: i64) {
-        self.now_ms += advance_ms;
+    async fn sweep(&mut self, advance_ms: i64, to_expiry: bool) {
+        let expiry = LANES
+            .iter()
+            .zip(&self.model.lanes)
+            .find_map(|(spec, queued)| Some(queued.front()?.event.received_ms + spec.ttl_ms?));
+        match expiry {
+            Some(at) if to_expiry => self.now_ms = self.now_ms.max(at),
+            _ => self.now_ms += advance_ms,
+        }
         let expired = self.spool().sweep(self.now_ms).await.unwrap();
         assert_eq!(expired, self.model.sweep(self.now_ms));
-        if expired > 0 { eprintln!("STAT expired"); }
     }
 
     fn crash(&mut self) {
@@ -486,7 +539,10 @@ impl Harness {
     async fn kill(&mut self) {
         // An empty remove goes through the writer, so when it is answered the writer
         // is idle (no compaction running) and the copy is a state a kill could leave.
-        self.spool().remove(LANES[0].name, Vec::new()).await.unwrap();
+        self.spool()
+            .remove(LANES[0].name, Vec::new())
+            .await
+            .unwrap();
         self.files += 1;
         let copy = self.dir.path().join(format!("spool-{}.redb", self.files));
         std::fs::copy(&self.path, &copy).unwrap();
@@ -511,14 +567,21 @@ impl Harness {
 
     async fn apply(&mut self, op: &Op) {
         match op {
-            Op::Submit { events, advance_ms } => {
+            Op::Submit {
+                events,
+                advance_ms,
+                unknown_lane,
+            } => {
                 self.now_ms += advance_ms;
-                self.submit(events).await;
+                self.submit(events, *unknown_lane).await;
             }
-            Op::Burst { requests, crash } => self.burst(requests, *crash).await,
+            Op::Burst { requests, then } => self.burst(requests, *then).await,
             Op::Drain { lane, max, foreign } => self.drain(*lane, *max, *foreign).await,
             Op::Peek { lane, skip, max } => self.peek(*lane, *skip, *max),
-            Op::Sweep { advance_ms } => self.sweep(*advance_ms).await,
+            Op::Sweep {
+                advance_ms,
+                to_expiry,
+            } => self.sweep(*advance_ms, *to_expiry).await,
             Op::Crash => self.crash(),
             Op::Kill => self.kill().await,
             Op::Close => self.close().await,
@@ -543,8 +606,18 @@ impl Harness {
                 spec.name
             );
             let level = stats.lanes.get(spec.name).copied().unwrap_or_default();
-            assert_eq!(level.events, expected.len() as u64, "lane {} events", spec.name);
-            assert_eq!(level.bytes, self.model.bytes(lane), "lane {} bytes", spec.name);
+            assert_eq!(
+                level.events,
+                expected.len() as u64,
+                "lane {} events",
+                spec.name
+            );
+            assert_eq!(
+                level.bytes,
+                self.model.bytes(lane),
+                "lane {} bytes",
+                spec.name
+            );
         }
         for status in spool.lanes() {
             let lane = lane_index(&status.name);
@@ -579,7 +652,6 @@ proptest! {
         ops in prop::collection::vec(op_strategy(), 1..40)
     ) {
         runtime().block_on(async {
-            let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
             let mut h = Harness::new();
             h.verify();
             for op in &ops {
@@ -598,12 +670,14 @@ fn acked_events_survive_drop_without_close() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.redb");
         let (config, policy) = spool_config();
-        let open = || Spool::open(&path, &config, policy.clone(), DEVICE).unwrap().0;
+        let open = || {
+            Spool::open(&path, &config, policy.clone(), DEVICE)
+                .unwrap()
+                .0
+        };
 
         let spool = open();
-        let events: Vec<Event> = (0..5)
-            .map(|i| make_event("big", i, 10, START_MS))
-            .collect();
+        let events: Vec<Event> = (0..5).map(|i| make_event("big", i, 10, START_MS)).collect();
         let outcome = spool
             .append(AppendRequest {
                 events: events.clone(),
@@ -612,10 +686,7 @@ fn acked_events_survive_drop_without_close() {
             .await
             .unwrap();
         assert_eq!(outcome.count, 5);
-        let removed = spool
-            .remove("big", vec![outcome.first_seq])
-            .await
-            .unwrap();
+        let removed = spool.remove("big", vec![outcome.first_seq]).await.unwrap();
         assert_eq!(removed, 1);
         drop(spool);
 
@@ -641,6 +712,9 @@ fn acked_events_survive_drop_without_close() {
             })
             .await
             .unwrap();
-        assert!(next.first_seq > expected.last().unwrap().seq, "a seq was reused");
+        assert!(
+            next.first_seq > expected.last().unwrap().seq,
+            "a seq was reused"
+        );
     });
 }

@@ -92,3 +92,54 @@ fn acked_events_survive_twenty_sigkills_exactly_once() {
     );
     eprintln!("{KILLS} kills, {total_acked} acked events, all present exactly once");
 }
+
+#[test]
+fn sigterm_under_load_exits_cleanly_and_keeps_every_acked_event() {
+    let mut agent = Agent::new(BASE_CONFIG, "");
+    agent.start();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (acked, addr) = (Arc::clone(&acked), agent.addr);
+            std::thread::spawn(move || {
+                let auth = basic("test-key", "");
+                for n in 0..100_000 {
+                    let id = format!("term-w{w}-n{n}");
+                    let body = serde_json::to_vec(
+                        &serde_json::json!({"event":"Load","userId":"u","messageId":id}),
+                    )
+                    .unwrap();
+                    match post(addr, "/v1/track", &auth, &body) {
+                        Ok(r) if r.status == 200 => acked.lock().unwrap().push(id),
+                        Ok(r) if r.status == 503 => break,
+                        Ok(r) => panic!("unexpected status {}: {}", r.status, r.body),
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    let addr = agent.addr;
+    assert!(edge_tests::wait_until(Duration::from_secs(10), || {
+        edge_tests::http::get(addr, "/v1/status")
+            .map(|r| r.json()["totals"]["accepted"].as_u64().unwrap_or(0) > 200)
+            .unwrap_or(false)
+    }));
+    let (clean, log) = agent.stop_term();
+    assert!(clean, "agent did not exit cleanly: {log}");
+    for w in writers {
+        w.join().unwrap();
+    }
+    let exported = agent.export();
+    let acked = acked.lock().unwrap();
+    for id in acked.iter() {
+        assert_eq!(
+            exported
+                .iter()
+                .filter(|e| e["message_id"] == id.as_str())
+                .count(),
+            1,
+            "{id}"
+        );
+    }
+}

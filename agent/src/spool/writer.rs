@@ -275,12 +275,15 @@ fn append(
     let mut per_device: BTreeMap<&str, u64> = BTreeMap::new();
     let first_seq = Seq(stats.next_seq);
     let count = encoded.len();
+    for lane_name in need.keys() {
+        // One table handle per lane and request: opening a table is not free.
+        let name = lane_table(lane_name);
+        let mut table = txn.open_table(lane_def(&name)).spool()?;
+        for (event, bytes) in encoded.iter().filter(|(e, _)| e.lane == *lane_name) {
+            table.insert(event.seq.0, bytes.as_slice()).spool()?;
+        }
+    }
     for (event, bytes) in &encoded {
-        let name = lane_table(&event.lane);
-        txn.open_table(lane_def(&name))
-            .spool()?
-            .insert(event.seq.0, bytes.as_slice())
-            .spool()?;
         let level = stats.lane_mut(&event.lane);
         level.events += 1;
         level.bytes += bytes.len() as u64;

@@ -189,7 +189,7 @@ fn event_json(rng: &mut impl Rng, timestamp: &str) -> (String, usize) {
         0 => (
             "Video Content Playing",
             format!(
-                r#"{{"asset_id":"ep-{}","title":"The Long Road","position":{},"total_length":2640,"quality":"hd","livestream":false}}"#,
+                r#"{{"asset_id":"ep-{}","title":"The Long Road","position":{},"total_length":2640,"quality":"hd"}}"#,
                 rng.random_range(1000..9999),
                 rng.random_range(0..2640)
             ),
@@ -206,7 +206,7 @@ fn event_json(rng: &mut impl Rng, timestamp: &str) -> (String, usize) {
         2 => (
             "Button Clicked",
             format!(
-                r#"{{"button_id":"btn-{}","screen":"Home","label":"Continue Watching","row":{},"column":{},"autoplay":true}}"#,
+                r#"{{"button_id":"btn-{}","screen":"Home","label":"Continue Watching","row":{},"column":{}}}"#,
                 rng.random_range(1..500),
                 rng.random_range(0..12),
                 rng.random_range(0..8)
@@ -227,7 +227,7 @@ fn event_json(rng: &mut impl Rng, timestamp: &str) -> (String, usize) {
     s.push_str(ID_PLACEHOLDER);
     let _ = write!(
         s,
-        r#"","userId":"user-{user:05}","anonymousId":"anon-{anon:08x}","event":"{name}","timestamp":"{timestamp}","properties":{properties},"context":{{"app":{{"name":"StreamBox","version":"4.2.0"}},"device":{{"id":"roku-4a7f9c2e","model":"Ultra 4850"}},"os":{{"name":"RokuOS","version":"13.0"}},"locale":"en-GB"}}}}"#
+        r#"","userId":"user-{user:05}","anonymousId":"anon-{anon:08x}","event":"{name}","timestamp":"{timestamp}","properties":{properties},"context":{{"app":{{"name":"StreamBox","version":"4.2.0"}},"device":{{"id":"roku-4a7f9c2e"}},"locale":"en-GB"}}}}"#
     );
     (s, at)
 }
@@ -595,6 +595,53 @@ fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 10))
 }
 
+/// CPU time per thread of `pid`, by thread id, with the thread's name.
+fn thread_cpu(pid: u32) -> BTreeMap<String, (String, Duration)> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if let Some(cpu) = cpu_time(&format!("{pid}/task/{tid}")) {
+            out.insert(tid, (name.trim().to_owned(), cpu));
+        }
+    }
+    out
+}
+
+/// Per-thread CPU used between two [`thread_cpu`] readings, busiest first.
+fn thread_cpu_delta(
+    before: &BTreeMap<String, (String, Duration)>,
+    after: &BTreeMap<String, (String, Duration)>,
+    wall: Duration,
+) -> String {
+    let mut used: Vec<(String, Duration)> = after
+        .iter()
+        .map(|(tid, (name, cpu))| {
+            let earlier = before.get(tid).map_or(Duration::ZERO, |(_, c)| *c);
+            (format!("{name}[{tid}]"), cpu.saturating_sub(earlier))
+        })
+        .filter(|(_, d)| !d.is_zero())
+        .collect();
+    used.sort_by(|a, b| b.1.cmp(&a.1));
+    let parts: Vec<String> = used
+        .iter()
+        .map(|(name, d)| {
+            format!(
+                "{name} {:.0}%",
+                100.0 * d.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+            )
+        })
+        .collect();
+    if parts.is_empty() {
+        "n/a".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn cpu_delta(before: Option<Duration>, after: Option<Duration>, wall: Duration) -> String {
     match (before, after) {
         (Some(b), Some(a)) => {
@@ -826,6 +873,8 @@ struct Throughput {
     peak_rss_kib: u64,
     agent_cpu: String,
     loadgen_cpu: String,
+    /// Agent CPU by thread, as % of one core.
+    agent_threads: String,
 }
 
 impl Throughput {
@@ -843,6 +892,7 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
         .collect();
     let sampler = RssSampler::start(pid);
     let (agent_before, self_before) = (cpu_time(&pid.to_string()), cpu_time("self"));
+    let threads_before = thread_cpu(pid);
     let start = Instant::now();
     let deadline = start + args.duration;
     let tasks: Vec<_> = requests
@@ -855,6 +905,7 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
     }
     let elapsed = start.elapsed();
     let (agent_after, self_after) = (cpu_time(&pid.to_string()), cpu_time("self"));
+    let agent_threads = thread_cpu_delta(&threads_before, &thread_cpu(pid), elapsed);
     let peak_rss_kib = sampler.finish().await;
     Ok(Throughput {
         tally,
@@ -862,6 +913,7 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
         peak_rss_kib,
         agent_cpu: cpu_delta(agent_before, agent_after, elapsed),
         loadgen_cpu: cpu_delta(self_before, self_after, elapsed),
+        agent_threads,
     })
 }
 
@@ -1034,6 +1086,7 @@ async fn agent_phases(
         mib(tp.peak_rss_kib)
     );
     println!("      agent {}, loadgen {}", tp.agent_cpu, tp.loadgen_cpu);
+    println!("      agent threads: {}", tp.agent_threads);
     println!("      failures: {}", tp.tally.describe_failures());
     if let Some(status) = agent.exited()? {
         bail!(
