@@ -117,13 +117,25 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                         return Err(e);
                     }
                 },
+                // The failing command's own waiter gets the error too, not `Closed`.
                 Command::Remove { lane, seqs, reply } => {
-                    let n = remove(&txn, &mut tentative, &lane, &seqs)?;
-                    replies.push(Reply::Remove(reply, n));
+                    match remove(shared, &txn, &mut tentative, &lane, &seqs) {
+                        Ok(n) => replies.push(Reply::Remove(reply, n)),
+                        Err(e) if e.is_request_level() => drop(reply.send(Err(e))),
+                        Err(e) => {
+                            drop(reply.send(Err(e.clone())));
+                            return Err(e);
+                        }
+                    }
                 }
                 Command::Sweep { now_ms, reply } => {
-                    let n = sweep(shared, &txn, &mut tentative, now_ms)?;
-                    replies.push(Reply::Sweep(reply, n));
+                    match sweep(shared, &txn, &mut tentative, now_ms) {
+                        Ok(n) => replies.push(Reply::Sweep(reply, n)),
+                        Err(e) => {
+                            drop(reply.send(Err(e.clone())));
+                            return Err(e);
+                        }
+                    }
                 }
                 Command::Stop => {}
             }
@@ -194,6 +206,7 @@ fn maybe_compact(shared: &Shared, stats: &mut SpoolStats) {
         .with_db_mut(|db| db.compact().map_err(|e| SpoolError::Storage(e.to_string())))
     {
         Ok(_) => {
+            *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
             info!(path = %shared.store.path().display(), "Spool file compacted after a large drain.")
         }
         Err(e) => warn!(error = %e, "Spool compaction failed; will retry after the next drain."),
@@ -329,13 +342,14 @@ fn make_room(
 }
 
 fn remove(
+    shared: &Shared,
     txn: &WriteTransaction,
     stats: &mut SpoolStats,
     lane: &str,
     seqs: &[Seq],
 ) -> Result<usize, SpoolError> {
-    if !stats.lanes.contains_key(lane) && seqs.is_empty() {
-        return Ok(0);
+    if shared.lane(lane).is_none() {
+        return Err(SpoolError::UnknownLane(lane.to_owned()));
     }
     let name = lane_table(lane);
     let mut table = txn.open_table(lane_def(&name)).spool()?;
@@ -401,10 +415,16 @@ fn sweep(
             let Some((k, v)) = table.first().spool()? else {
                 break;
             };
-            let event = decode_event(k.value(), v.value())?;
-            if event.received_ms.saturating_add(ttl_ms) > now_ms {
-                break;
-            }
+            // A record that no longer decodes can never be delivered; leaving it at the
+            // front would fail every later sweep, so it goes too, counted as invalid.
+            let corrupt = match decode_event(k.value(), v.value()) {
+                Ok(event) if event.received_ms.saturating_add(ttl_ms) > now_ms => break,
+                Ok(_) => false,
+                Err(e) => {
+                    error!(lane = %lane.name, error = %e, "Dropping an undecodable spool record.");
+                    true
+                }
+            };
             let len = v.value().len() as u64;
             let seq = k.value();
             drop((k, v));
@@ -413,7 +433,11 @@ fn sweep(
             level.events = level.events.saturating_sub(1);
             level.bytes = level.bytes.saturating_sub(len);
             stats.removed_since_compact += len;
-            stats.drops.ttl_expired += 1;
+            if corrupt {
+                stats.drops.invalid += 1;
+            } else {
+                stats.drops.ttl_expired += 1;
+            }
             expired += 1;
         }
     }
