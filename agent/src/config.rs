@@ -37,7 +37,7 @@ pub enum ConfigError {
 }
 
 /// A size in bytes, written as an integer or a string such as `"32KiB"` / `"16MiB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
@@ -127,6 +127,114 @@ pub struct AgentConfig {
     /// The durable spool.
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// Delivery to the gateway over MQTT/TLS. Absent: events stay in the spool.
+    #[serde(default)]
+    pub uplink: Option<UplinkConfig>,
+}
+
+/// `[uplink]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Gateway or broker address, `mqtts://host:port`.
+    pub url: String,
+    /// CA certificate (PEM) that signed the gateway's certificate.
+    pub ca: PathBuf,
+    /// This device's certificate (PEM); its CN must be `agent.device_id`.
+    pub cert: PathBuf,
+    /// This device's private key (PEM).
+    pub key: PathBuf,
+    /// Topic prefix template, as configured on the gateway.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// MQTT keep-alive (at least 5s).
+    #[serde(default = "default_keep_alive", deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    /// Batches in flight per lane before waiting for acks.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// A batch not acknowledged within this is sent again.
+    #[serde(default = "default_ack_timeout", deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+    /// Reconnect backoff: first delay, doubled (with jitter) up to `backoff_max`.
+    #[serde(default = "default_backoff_min", deserialize_with = "duration")]
+    pub backoff_min: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "duration")]
+    pub backoff_max: Duration,
+    /// Most events per batch.
+    #[serde(default = "default_batch_events")]
+    pub max_batch_events: usize,
+    /// Most bytes of events per batch (before compression).
+    #[serde(default = "default_batch_bytes")]
+    pub max_batch_bytes: ByteSize,
+    /// Compress batches with LZ4 (`"lz4"`) or not (`"none"`).
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Cap on uplink bytes per second for metered links; 0 = no cap.
+    #[serde(default)]
+    pub bandwidth_limit: ByteSize,
+    /// Per-lane sending mode; lanes not listed stream with the default linger.
+    #[serde(default)]
+    pub lanes: Vec<UplinkLaneConfig>,
+}
+
+/// How one lane is sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkLaneConfig {
+    /// Lane name (must be a spool lane).
+    pub name: String,
+    /// `stream`: send as soon as events arrive, waiting `linger` to fill a batch.
+    /// `batch`: send every `interval`, or sooner once a batch is full.
+    #[serde(default)]
+    pub mode: UplinkMode,
+    #[serde(default = "default_linger", deserialize_with = "duration")]
+    pub linger: Duration,
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+/// Sending mode of a lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UplinkMode {
+    #[default]
+    Stream,
+    Batch,
+}
+
+fn default_topic_prefix() -> String {
+    "edge/{device}".to_owned()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_window() -> usize {
+    8
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_backoff_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_batch_events() -> usize {
+    1000
+}
+fn default_batch_bytes() -> ByteSize {
+    ByteSize(512 * 1024)
+}
+fn default_compression() -> String {
+    "lz4".to_owned()
+}
+pub(crate) fn default_linger() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[agent]`
@@ -574,6 +682,35 @@ impl AgentConfig {
                     "spool.routes.lane",
                     format!("`{}` is not a lane", route.lane),
                 ));
+            }
+        }
+        if let Some(up) = &self.uplink {
+            if !(up.url.starts_with("mqtts://")) {
+                return Err(bad("uplink.url", format!("`{}`: use mqtts://host:port", up.url)));
+            }
+            if up.keep_alive < Duration::from_secs(5) {
+                return Err(bad("uplink.keep_alive", "must be at least 5s".into()));
+            }
+            if up.window == 0 || up.window > 1024 {
+                return Err(bad("uplink.window", "must be 1-1024".into()));
+            }
+            if up.max_batch_events == 0 || up.max_batch_events > 100_000 {
+                return Err(bad("uplink.max_batch_events", "must be 1-100000".into()));
+            }
+            if up.compression != "lz4" && up.compression != "none" {
+                return Err(bad("uplink.compression", "use \"lz4\" or \"none\"".into()));
+            }
+            if up.backoff_min.is_zero() || up.backoff_min > up.backoff_max {
+                return Err(bad("uplink.backoff_min", "must be above 0 and at most backoff_max".into()));
+            }
+            if self.agent.device_id.is_empty() {
+                return Err(bad("agent.device_id", "the uplink needs the device id its certificate names".into()));
+            }
+            crate::wire::Topics::new(&up.topic_prefix).map_err(|e| bad("uplink.topic_prefix", e.to_string()))?;
+            for l in &up.lanes {
+                if !lanes.contains(l.name.as_str()) {
+                    return Err(bad("uplink.lanes.name", format!("`{}` is not a spool lane", l.name)));
+                }
             }
         }
         let mut purposes = HashSet::new();

@@ -15,6 +15,8 @@ pub mod intake;
 pub mod model;
 pub mod spool;
 pub mod status;
+pub mod uplink;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -134,21 +136,45 @@ impl Agent {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
+        let uplink = self.config.uplink.clone().map(|cfg| {
+            uplink::Uplink::new(cfg, model::DeviceId(self.device_id.clone()), Arc::clone(&self.spool))
+        });
         let api = Arc::new(http::Api::new(
             Arc::clone(&self.intake),
             self.config.clone(),
             self.device_id.clone(),
+            uplink.as_ref().map(uplink::Uplink::status),
         ));
         let sweeper = tokio::spawn(sweep_loop(
             Arc::clone(&self.spool),
             self.config.spool.sweep_interval,
             shutdown.clone(),
         ));
+        // The uplink stops with the HTTP intake; its unacked events stay spooled.
+        let uplink_token = CancellationToken::new();
+        let uplink_task = uplink.map(|u| {
+            let token = uplink_token.clone();
+            tokio::spawn(async move {
+                // A missing certificate may appear later (the gateway makes dev
+                // certificates on its first run): keep trying, events stay spooled.
+                while let Err(e) = u.run(token.clone()).await {
+                    tracing::error!(error = %e, "Uplink cannot start; retrying in 5s. Events stay in the spool.");
+                    tokio::select! {
+                        () = token.cancelled() => break,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    }
+                }
+            })
+        });
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, device_id = %self.device_id, "Local API listening.");
         }
         http::serve(listener, api, shutdown).await;
         let _ = sweeper.await;
+        uplink_token.cancel();
+        if let Some(t) = uplink_task {
+            let _ = t.await;
+        }
         self.spool.close().await;
         info!("Spool closed; agent stopped.");
         Ok(())

@@ -51,6 +51,9 @@ pub struct Status {
     /// Fleet mode: events accepted per device.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceReport>,
+    /// Connection state, in-flight batches, last ack, clock skew; absent without uplink.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<crate::uplink::UplinkStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +121,7 @@ pub fn status(spool: &Spool, device_id: String, fleet: bool) -> Status {
         },
         lanes,
         devices,
+        uplink: None,
     }
 }
 

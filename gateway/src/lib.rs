@@ -1,8 +1,160 @@
 //! `edge-gateway` library: everything the binary does, callable from tests.
 //!
+//! - [`endpoint`]: the embedded MQTT/TLS device endpoint.
+//! - [`store`]: durable inbox, exactly-once admission, device records (redb).
+//! - [`dest`]: destinations reading the inbox (NDJSON files so far).
+//! - [`http`]: admin API and metrics.
 //! - [`pki`]: the dev PKI behind `edge-gateway certs` (CA, server and device certificates).
 //! - [`tls`]: TLS of the device endpoint: mutual-TLS configuration, device identity from
 //!   the client certificate, revoked device ids.
 
+pub mod config;
+pub mod dest;
+pub mod endpoint;
+pub mod http;
 pub mod pki;
+pub mod store;
 pub mod tls;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use config::{resolve, DestinationKind, GatewayConfig};
+use endpoint::{Endpoint, EndpointMetrics, Sessions};
+use store::Store;
+
+/// File name of the gateway's redb store inside the data dir.
+pub const STORE_FILE: &str = "gateway.redb";
+
+/// Validity of dev device certificates made on first run.
+const DEV_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("dev certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("revocation list: {0}")]
+    Revocation(#[from] tls::RevocationError),
+    #[error("store {path}: {source}")]
+    Store { path: PathBuf, source: store::StoreError },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("topic prefix: {0}")]
+    Topics(String),
+}
+
+/// Creates the dev PKI and the configured dev device certificates if missing.
+pub fn ensure_dev_certs(pki_dir: &Path, devices: &[String]) -> Result<(), pki::PkiError> {
+    pki::init(pki_dir, &[])?;
+    let layout = pki::PkiDir::new(pki_dir);
+    for id in devices {
+        let device = edge_agent::model::DeviceId(id.clone());
+        if !layout.device_cert(&device).exists() {
+            pki::issue_device(pki_dir, id, DEV_CERT_VALIDITY)?;
+            info!(device = %id, dir = %pki_dir.display(), "Issued a dev device certificate.");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the gateway until `shutdown`.
+pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| GatewayError::DataDir { path: data_dir.to_owned(), source })?;
+    let pki_dir = resolve(data_dir, &config.tls.pki_dir);
+    if config.tls.create_dev_certs {
+        ensure_dev_certs(&pki_dir, &config.tls.dev_devices)?;
+    }
+    let layout = pki::PkiDir::new(&pki_dir);
+    let server_tls = tls::server_config(&layout.ca_cert(), &layout.server_cert(), &layout.server_key())?;
+    let revoked = Arc::new(match &config.tls.revoked {
+        Some(p) => tls::RevocationList::load(resolve(data_dir, p))?,
+        None => tls::RevocationList::empty(),
+    });
+
+    let store_path = data_dir.join(STORE_FILE);
+    let names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    let cache = usize::try_from(config.gateway.cache_size.0).unwrap_or(usize::MAX);
+    let store = Arc::new(
+        Store::open(&store_path, cache, &names).map_err(|source| GatewayError::Store { path: store_path, source })?,
+    );
+    let topics = edge_agent::wire::Topics::new(&config.mqtt.topic_prefix).map_err(|e| GatewayError::Topics(e.to_string()))?;
+    let metrics = Arc::new(EndpointMetrics::default());
+    let sessions = Arc::new(Sessions::default());
+    let tasks = TaskTracker::new();
+
+    for d in &config.destinations {
+        match d.kind {
+            DestinationKind::File => {
+                let dest = dest::file::FileDestination {
+                    name: d.name.clone(),
+                    dir: resolve(data_dir, d.dir.as_deref().unwrap_or(Path::new("out"))),
+                    max_file_size: d.max_file_size.0,
+                    max_file_age: d.max_file_age,
+                    store: Arc::clone(&store),
+                };
+                let token = shutdown.clone();
+                tasks.spawn(async move {
+                    let name = dest.name.clone();
+                    if let Err(e) = dest.run(token).await {
+                        error!(destination = %name, error = %e, "Destination stopped.");
+                    }
+                });
+            }
+        }
+    }
+
+    if config.tls.revoked.is_some() {
+        let (list, every, token) = (Arc::clone(&revoked), config.tls.revocation_reload, shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    () = tokio::time::sleep(every) => {
+                        if let Err(e) = list.reload() {
+                            warn!(error = %e, "Revocation list reload failed; keeping the previous one.");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    let mqtt = TcpListener::bind(config.mqtt.listen)
+        .await
+        .map_err(|source| GatewayError::Listen { addr: config.mqtt.listen, source })?;
+    let http = TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| GatewayError::Listen { addr: config.http.listen, source })?;
+    info!(mqtt = %config.mqtt.listen, http = %config.http.listen, "Gateway listening.");
+    let endpoint = Arc::new(Endpoint {
+        config: config.mqtt.clone(),
+        topics,
+        acceptor: TlsAcceptor::from(server_tls),
+        store: Arc::clone(&store),
+        revoked,
+        sessions: Arc::clone(&sessions),
+        metrics: Arc::clone(&metrics),
+    });
+    tasks.spawn(endpoint.run(mqtt, shutdown.clone()));
+    let admin = Arc::new(http::Admin { store: Arc::clone(&store), metrics, sessions });
+    tasks.spawn(admin.serve(http, shutdown.clone()));
+
+    shutdown.cancelled().await;
+    tasks.close();
+    tasks.wait().await;
+    store.close().await;
+    info!("Gateway stopped.");
+    Ok(())
+}

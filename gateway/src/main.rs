@@ -1,9 +1,148 @@
-//! `edge-gateway`: placeholder until the uplink issue lands the receive path.
+//! `edge-gateway`: parse arguments, load config, set up logging and signals, call the
+//! library.
 
-fn main() {
-    eprintln!(
-        "edge-gateway {}: not built yet; see the uplink issue.",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use edge_gateway::config::{resolve, GatewayConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "edge-gateway", version, about = "Edge collector gateway")]
+struct Cli {
+    /// Config file (TOML). Absent: built-in defaults.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// State directory; overrides `gateway.data_dir`.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Log format: `text` or `json`. Level via `RUST_LOG` (default `info`).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run,
+    /// Dev PKI: a CA, the server certificate, device certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the CA and the server certificate (kept if they exist).
+    Init {
+        /// Extra DNS names / IPs for the server certificate.
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Issue a device certificate (CN = device id).
+    Device {
+        id: String,
+        /// Validity, e.g. "365d".
+        #[arg(long, default_value = "365d")]
+        valid: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = match &cli.config {
+        Some(path) => GatewayConfig::load(path),
+        None => Ok(GatewayConfig::default()),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edge-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let data_dir = cli.data_dir.clone().unwrap_or_else(|| config.gateway.data_dir.clone());
+    let pki_dir = resolve(&data_dir, &config.tls.pki_dir);
+    match cli.command {
+        Command::Certs { command: CertsCommand::Init { names } } => match edge_gateway::pki::init(&pki_dir, &names) {
+            Ok(outcome) => {
+                println!("CA {:?}, server certificate {:?} in {}", outcome.ca, outcome.server, pki_dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("edge-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Certs { command: CertsCommand::Device { id, valid } } => {
+            let validity = match humantime::parse_duration(&valid) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("edge-gateway: --valid `{valid}`: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match edge_gateway::pki::issue_device(&pki_dir, &id, validity) {
+                Ok(files) => {
+                    println!("{}\n{}", files.cert.display(), files.key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edge-gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("edge-gateway: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(wait_for_signal(shutdown.clone()));
+                edge_gateway::run(config, &data_dir, shutdown).await
+            });
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edge-gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    shutdown.cancel();
 }

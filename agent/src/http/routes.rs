@@ -37,10 +37,16 @@ pub struct Api {
     limits: Limits,
     counters: HttpCounters,
     device_id: String,
+    uplink: Option<crate::uplink::SharedStatus>,
 }
 
 impl Api {
-    pub fn new(intake: Arc<Intake>, config: AgentConfig, device_id: String) -> Self {
+    pub fn new(
+        intake: Arc<Intake>,
+        config: AgentConfig,
+        device_id: String,
+        uplink: Option<crate::uplink::SharedStatus>,
+    ) -> Self {
         let limits = Limits {
             max_connections: config.http.max_connections,
             header_timeout: config.http.header_timeout,
@@ -53,6 +59,7 @@ impl Api {
             limits,
             counters: HttpCounters::default(),
             device_id,
+            uplink,
         }
     }
 
@@ -76,11 +83,18 @@ impl Api {
         match (&method, path.as_str()) {
             (&Method::GET, "/v1/status") => Ok(json(
                 StatusCode::OK,
-                &status(
-                    self.intake.spool(),
-                    self.device_id.clone(),
-                    self.config.agent.fleet,
-                ),
+                &crate::status::Status {
+                    uplink: self.uplink.as_ref().map(|u| {
+                        u.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone()
+                    }),
+                    ..status(
+                        self.intake.spool(),
+                        self.device_id.clone(),
+                        self.config.agent.fleet,
+                    )
+                },
             )),
             (&Method::GET, "/metrics") => Ok(with_type(
                 StatusCode::OK,

@@ -136,6 +136,8 @@ pub(crate) struct Shared {
     policy: ConsentPolicy,
     compact_after: u64,
     stats: Mutex<SpoolStats>,
+    /// `next_seq` after the last commit: the uplink waits on it for new events.
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -178,6 +180,7 @@ impl Spool {
             lanes: config.lanes.clone(),
             policy,
             compact_after: config.compact_after.0,
+            committed: tokio::sync::watch::channel(stats.next_seq).0,
             stats: Mutex::new(stats.clone()),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
@@ -230,8 +233,30 @@ impl Spool {
     /// Removes delivered events; returns how many were still there.
     pub async fn remove(&self, lane: &str, seqs: Vec<Seq>) -> Result<usize, SpoolError> {
         let lane = lane.to_owned();
-        self.call(|reply| Command::Remove { lane, seqs, reply })
+        self.call(|reply| Command::Remove { lane, seqs, invalid: false, reply })
             .await
+    }
+
+    /// Removes events the gateway refused for good, counting them as `invalid` drops.
+    pub async fn remove_rejected(&self, lane: &str, seqs: Vec<Seq>) -> Result<usize, SpoolError> {
+        let lane = lane.to_owned();
+        self.call(|reply| Command::Remove { lane, seqs, invalid: true, reply })
+            .await
+    }
+
+    /// Lowest queued seq of `lane` (everything below was delivered or dropped).
+    pub fn first_seq(&self, lane: &str) -> Result<Option<Seq>, SpoolError> {
+        self.shared.store.first_seq(lane)
+    }
+
+    /// Watches `next_seq` as of the last commit: it changes when events are added.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
+    /// Configured lane names, in config order.
+    pub fn lane_names(&self) -> Vec<String> {
+        self.shared.lanes.iter().map(|l| l.name.clone()).collect()
     }
 
     /// Drops events past their lane's TTL; returns how many.

@@ -260,6 +260,19 @@ impl Store {
         })
     }
 
+    /// Lowest queued seq of `lane`.
+    pub(crate) fn first_seq(&self, lane: &str) -> Result<Option<Seq>, SpoolError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().spool()?;
+            let name = lane_table(lane);
+            let table = txn
+                .open_table(lane_def(&name))
+                .map_err(|_| SpoolError::UnknownLane(lane.to_owned()))?;
+            let first = table.first().spool()?.map(|(k, _)| Seq(k.value()));
+            Ok(first)
+        })
+    }
+
     /// Events accepted per device (fleet status), at most `max` devices.
     pub(crate) fn device_counts(&self, max: usize) -> Result<Vec<(String, u64)>, SpoolError> {
         self.with_db(|db| {

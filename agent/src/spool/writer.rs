@@ -34,6 +34,8 @@ pub(crate) enum Command {
     Remove {
         lane: String,
         seqs: Vec<Seq>,
+        /// Count the removed events as `invalid` drops (refused by the gateway).
+        invalid: bool,
         reply: oneshot::Sender<Result<usize, SpoolError>>,
     },
     Sweep {
@@ -118,9 +120,14 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                     }
                 },
                 // The failing command's own waiter gets the error too, not `Closed`.
-                Command::Remove { lane, seqs, reply } => {
+                Command::Remove { lane, seqs, invalid, reply } => {
                     match remove(shared, &txn, &mut tentative, &lane, &seqs) {
-                        Ok(n) => replies.push(Reply::Remove(reply, n)),
+                        Ok(n) => {
+                            if invalid {
+                                tentative.drops.invalid += n as u64;
+                            }
+                            replies.push(Reply::Remove(reply, n));
+                        }
                         Err(e) if e.is_request_level() => drop(reply.send(Err(e))),
                         Err(e) => {
                             drop(reply.send(Err(e.clone())));
@@ -152,6 +159,7 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
         Ok(()) => {
             *stats = tentative;
             *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
+            shared.committed.send_replace(stats.next_seq);
             for r in replies {
                 r.send();
             }

@@ -625,7 +625,7 @@ fn thread_cpu_delta(
         })
         .filter(|(_, d)| !d.is_zero())
         .collect();
-    used.sort_by(|a, b| b.1.cmp(&a.1));
+    used.sort_by_key(|u| std::cmp::Reverse(u.1));
     let parts: Vec<String> = used
         .iter()
         .map(|(name, d)| {
@@ -639,6 +639,53 @@ fn thread_cpu_delta(
         "n/a".into()
     } else {
         parts.join(", ")
+    }
+}
+
+/// Machine-wide CPU ticks from /proc/stat: (busy, iowait, idle), USER_HZ units.
+fn machine_ticks() -> Option<(u64, u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+    Some((busy, *v.get(4)?, *v.get(3)?))
+}
+
+/// Machine-wide CPU use between two [`machine_ticks`] readings; `ours` is the CPU
+/// the agent and this process used meanwhile, so the rest is other processes (and
+/// kernel work not charged to a process).
+fn machine_delta(
+    before: Option<(u64, u64, u64)>,
+    after: Option<(u64, u64, u64)>,
+    ours: Option<Duration>,
+) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) => {
+            let (busy, iowait, idle) = (a.0 - b.0, a.1 - b.1, a.2 - b.2);
+            let total = (busy + iowait + idle).max(1) as f64;
+            let mut text = format!(
+                "busy {:.0}%, iowait {:.0}%, idle {:.0}% of all CPUs",
+                100.0 * busy as f64 / total,
+                100.0 * iowait as f64 / total,
+                100.0 * idle as f64 / total
+            );
+            if let Some(ours) = ours {
+                let elapsed_ticks =
+                    total / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+                let other = busy as f64 - ours.as_secs_f64() * 100.0;
+                let _ = write!(
+                    text,
+                    "; not agent/loadgen: {:.0}% of one core",
+                    (100.0 * other / elapsed_ticks.max(1.0)).max(0.0)
+                );
+            }
+            text
+        }
+        _ => "n/a".into(),
     }
 }
 
@@ -875,6 +922,8 @@ struct Throughput {
     loadgen_cpu: String,
     /// Agent CPU by thread, as % of one core.
     agent_threads: String,
+    /// Machine-wide CPU use (other processes included).
+    machine: String,
 }
 
 impl Throughput {
@@ -893,6 +942,7 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
     let sampler = RssSampler::start(pid);
     let (agent_before, self_before) = (cpu_time(&pid.to_string()), cpu_time("self"));
     let threads_before = thread_cpu(pid);
+    let machine_before = machine_ticks();
     let start = Instant::now();
     let deadline = start + args.duration;
     let tasks: Vec<_> = requests
@@ -906,6 +956,13 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
     let elapsed = start.elapsed();
     let (agent_after, self_after) = (cpu_time(&pid.to_string()), cpu_time("self"));
     let agent_threads = thread_cpu_delta(&threads_before, &thread_cpu(pid), elapsed);
+    let ours = match (agent_before, agent_after, self_before, self_after) {
+        (Some(a0), Some(a1), Some(s0), Some(s1)) => {
+            Some(a1.saturating_sub(a0) + s1.saturating_sub(s0))
+        }
+        _ => None,
+    };
+    let machine = machine_delta(machine_before, machine_ticks(), ours);
     let peak_rss_kib = sampler.finish().await;
     Ok(Throughput {
         tally,
@@ -914,6 +971,7 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
         agent_cpu: cpu_delta(agent_before, agent_after, elapsed),
         loadgen_cpu: cpu_delta(self_before, self_after, elapsed),
         agent_threads,
+        machine,
     })
 }
 
@@ -1087,6 +1145,7 @@ async fn agent_phases(
     );
     println!("      agent {}, loadgen {}", tp.agent_cpu, tp.loadgen_cpu);
     println!("      agent threads: {}", tp.agent_threads);
+    println!("      machine: {}", tp.machine);
     println!("      failures: {}", tp.tally.describe_failures());
     if let Some(status) = agent.exited()? {
         bail!(
@@ -1169,7 +1228,7 @@ fn print_paced(p: &Paced) {
         p.latency
     );
     println!(
-        "      scheduled->ack {}; {} sends >1 ms late",
+        "      scheduled->ack {}; {} sends >1 ms after schedule (tokio timers tick in 1 ms steps)",
         p.scheduled, p.tally.late_sends
     );
     println!("      failures: {}", p.tally.describe_failures());

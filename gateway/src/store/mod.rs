@@ -1,0 +1,489 @@
+//! The gateway's durable state (redb): the inbox of received events, per-lane
+//! admission state, per-device records, and destination cursors.
+//!
+//! One writer thread applies commands in groups, one `Durability::Immediate` commit
+//! per group; nothing is answered before its commit. Reads use short read
+//! transactions. This is the single-site backend; the interface (commands and
+//! reads) is what a PostgreSQL backend will implement for fleets.
+//!
+//! | table          | key                    | value                          |
+//! |----------------|------------------------|--------------------------------|
+//! | `inbox`        | `u64` inbox seq        | postcard [`InboxRecord`]       |
+//! | `dedup`        | `"<device>\0<lane>"`   | postcard [`LaneDedup`]         |
+//! | `devices`      | device id              | postcard [`DeviceRecord`]      |
+//! | `cursors`      | destination name       | postcard bytes of its state    |
+//! | `meta`         | `"next_inbox"`         | `u64`                          |
+
+mod dedup;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use edge_agent::model::{DeviceId, Event, Seq};
+use edge_agent::spool::Drops;
+use edge_agent::wire::{RejectReason, Rejected, UplinkBatch};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::error;
+
+pub use dedup::LaneDedup;
+
+const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("dedup");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const CURSORS: TableDefinition<&str, &[u8]> = TableDefinition::new("cursors");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_INBOX: &str = "next_inbox";
+
+/// Commands that may wait for the writer.
+pub const STORE_QUEUE_DEPTH: usize = 1024;
+/// Most commands folded into one commit.
+const MAX_GROUP: usize = 256;
+
+/// Why a store operation failed. Cloneable: one failed commit answers many waiters.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// The filesystem is full; nothing was committed.
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// Any other I/O or redb failure; nothing was committed.
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The store was closed (shutdown).
+    #[error("the store is closed")]
+    Closed,
+    /// A stored record does not decode.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    fn redb(e: impl Into<redb::Error>) -> Self {
+        let e: redb::Error = e.into();
+        if let redb::Error::Io(io) = &e {
+            if io.kind() == std::io::ErrorKind::StorageFull {
+                return StoreError::DiskFull(io.to_string());
+            }
+        }
+        StoreError::Storage(e.to_string())
+    }
+}
+
+trait R<T> {
+    fn st(self) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> R<T> for Result<T, E> {
+    fn st(self) -> Result<T, StoreError> {
+        self.map_err(StoreError::redb)
+    }
+}
+
+/// One received event as kept in the inbox. Field order is the stored encoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboxRecord {
+    /// The agent that sent it (its certificate identity).
+    pub sender: DeviceId,
+    /// Gateway time at receipt.
+    pub received_ms: i64,
+    /// Device time corrected for the agent's clock skew:
+    /// `received - (sent_at - timestamp)`.
+    pub corrected_timestamp_ms: i64,
+    pub event: Event,
+}
+
+/// What the gateway knows about one device.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub last_seen_ms: i64,
+    /// Events stored (new).
+    pub events: u64,
+    /// Events received again and ignored.
+    pub duplicates: u64,
+    /// Events refused (invalid).
+    pub rejected: u64,
+    /// Frames refused before decoding reached the store (bad frame, wrong device).
+    pub frames_rejected: u64,
+    /// The agent's own loss counters, as last reported.
+    pub drops: Drops,
+    /// Gateway receive time minus the agent's `sent_at` in its last batch.
+    pub clock_skew_ms: i64,
+}
+
+/// Outcome of receiving one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    /// Every seq now durable at the gateway (new and duplicates).
+    pub acked: Vec<Seq>,
+    pub rejected: Vec<Rejected>,
+    pub stored: usize,
+    pub duplicates: usize,
+}
+
+enum Command {
+    Receive {
+        sender: DeviceId,
+        batch: UplinkBatch,
+        received_ms: i64,
+        reply: oneshot::Sender<Result<Receipt, StoreError>>,
+    },
+    FrameRejected {
+        device: DeviceId,
+    },
+    SaveCursor {
+        name: String,
+        state: Vec<u8>,
+        /// Inbox entries at or below this are no longer needed by this destination.
+        done_through: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Stop,
+}
+
+struct Shared {
+    db: Database,
+    /// Inbox seq of the newest committed record, for destinations to wait on.
+    head: watch::Sender<u64>,
+    /// Per destination: inbox seqs it no longer needs.
+    done: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Handle to the store.
+pub struct Store {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating or recovering) the store at `path`.
+    pub fn open(path: &Path, cache_size: usize, destinations: &[String]) -> Result<Store, StoreError> {
+        let db = Database::builder().set_cache_size(cache_size).create(path).st()?;
+        let txn = db.begin_write().st()?;
+        {
+            txn.open_table(INBOX).st()?;
+            txn.open_table(DEDUP).st()?;
+            txn.open_table(DEVICES).st()?;
+            txn.open_table(CURSORS).st()?;
+            txn.open_table(META).st()?;
+        }
+        txn.commit().st()?;
+        let head = {
+            let r = db.begin_read().st()?;
+            let meta = r.open_table(META).st()?;
+            meta.get(NEXT_INBOX).st()?.map(|v| v.value()).unwrap_or(1).saturating_sub(1)
+        };
+        let done = destinations.iter().map(|d| (d.clone(), 0)).collect();
+        let shared = Arc::new(Shared { db, head: watch::channel(head).0, done: Mutex::new(done) });
+        let (tx, rx) = mpsc::channel(STORE_QUEUE_DEPTH);
+        let writer_shared = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run_writer(writer_shared, rx))
+            .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store { shared, tx, writer: Mutex::new(Some(writer)) })
+    }
+
+    /// Stores a batch's new events and its admission state in one commit; returns
+    /// what to acknowledge. The caller has verified the sender owns the batch.
+    pub async fn receive(&self, sender: DeviceId, batch: UplinkBatch, received_ms: i64) -> Result<Receipt, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Receive { sender, batch, received_ms, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Counts a refused frame for `device` (best effort, not awaited).
+    pub fn frame_rejected(&self, device: DeviceId) {
+        let _ = self.tx.try_send(Command::FrameRejected { device });
+    }
+
+    /// Saves a destination's state; inbox entries up to `done_through` may be pruned
+    /// once every destination is past them.
+    pub async fn save_cursor(&self, name: &str, state: Vec<u8>, done_through: u64) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SaveCursor { name: name.to_owned(), state, done_through, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A destination's saved state.
+    pub fn load_cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.shared.db.begin_read().st()?;
+        let t = r.open_table(CURSORS).st()?;
+        let v = t.get(name).st()?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
+    /// Up to `max` inbox records after `after`, in order.
+    pub fn read_inbox(&self, after: u64, max: usize) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+        let r = self.shared.db.begin_read().st()?;
+        let t = r.open_table(INBOX).st()?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..).st()?.take(max) {
+            let (k, v) = row.st()?;
+            let rec = postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("inbox {}: {e}", k.value())))?;
+            out.push((k.value(), rec));
+        }
+        Ok(out)
+    }
+
+    /// Watches the newest committed inbox seq.
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.shared.head.subscribe()
+    }
+
+    /// One device's record.
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let r = self.shared.db.begin_read().st()?;
+        let t = r.open_table(DEVICES).st()?;
+        let v = match t.get(id).st()? {
+            Some(v) => Some(
+                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(format!("device {id}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(v)
+    }
+
+    /// All device records (for metrics), at most `max`.
+    pub fn devices(&self, max: usize) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+        let r = self.shared.db.begin_read().st()?;
+        let t = r.open_table(DEVICES).st()?;
+        let mut out = Vec::new();
+        for row in t.iter().st()?.take(max) {
+            let (k, v) = row.st()?;
+            if let Ok(rec) = postcard::from_bytes(v.value()) {
+                out.push((k.value().to_owned(), rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events waiting in the inbox.
+    pub fn inbox_len(&self) -> Result<u64, StoreError> {
+        let r = self.shared.db.begin_read().st()?;
+        r.open_table(INBOX).st()?.len().st()
+    }
+
+    /// Finishes queued writes and stops the writer.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Command::Stop).await;
+        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
+    loop {
+        let Some(first) = rx.blocking_recv() else { break };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        let stop = group.iter().position(|c| matches!(c, Command::Stop));
+        if let Some(at) = stop {
+            group.truncate(at);
+        }
+        if !group.is_empty() {
+            commit_group(&shared, group);
+        }
+        if stop.is_some() {
+            rx.close();
+            break;
+        }
+    }
+}
+
+enum Reply {
+    Receive(oneshot::Sender<Result<Receipt, StoreError>>, Receipt),
+    Saved(oneshot::Sender<Result<(), StoreError>>),
+}
+
+fn commit_group(shared: &Shared, group: Vec<Command>) {
+    let mut replies = Vec::with_capacity(group.len());
+    let mut waiting: Vec<Command> = Vec::new();
+    let mut head = 0;
+    let result = (|| -> Result<(), StoreError> {
+        let mut txn = shared.db.begin_write().st()?;
+        txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let mut next = txn.open_table(META).st()?.get(NEXT_INBOX).st()?.map(|v| v.value()).unwrap_or(1);
+        let mut group = group.into_iter();
+        while let Some(cmd) = group.next() {
+            match cmd {
+                Command::Receive { sender, batch, received_ms, reply } => {
+                    match receive(&txn, &mut next, &sender, batch, received_ms) {
+                        Ok(r) => replies.push(Reply::Receive(reply, r)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.clone()));
+                            waiting.extend(group);
+                            return Err(e);
+                        }
+                    }
+                }
+                Command::FrameRejected { device } => {
+                    let mut rec = load_device(&txn, &device.0)?;
+                    rec.frames_rejected += 1;
+                    save_device(&txn, &device.0, &rec)?;
+                }
+                Command::SaveCursor { name, state, done_through, reply } => {
+                    txn.open_table(CURSORS).st()?.insert(name.as_str(), state.as_slice()).st()?;
+                    shared.done.lock().unwrap_or_else(PoisonError::into_inner).insert(name, done_through);
+                    replies.push(Reply::Saved(reply));
+                }
+                Command::Stop => {}
+            }
+        }
+        prune_inbox(shared, &txn)?;
+        txn.open_table(META).st()?.insert(NEXT_INBOX, next).st()?;
+        head = next - 1;
+        txn.commit().st()
+    })();
+    match result {
+        Ok(()) => {
+            shared.head.send_replace(head);
+            for r in replies {
+                match r {
+                    Reply::Receive(tx, receipt) => drop(tx.send(Ok(receipt))),
+                    Reply::Saved(tx) => drop(tx.send(Ok(()))),
+                }
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "Store commit failed; nothing in this group was acknowledged.");
+            for r in replies {
+                match r {
+                    Reply::Receive(tx, _) => drop(tx.send(Err(e.clone()))),
+                    Reply::Saved(tx) => drop(tx.send(Err(e.clone()))),
+                }
+            }
+            for cmd in waiting {
+                match cmd {
+                    Command::Receive { reply, .. } => drop(reply.send(Err(e.clone()))),
+                    Command::SaveCursor { reply, .. } => drop(reply.send(Err(e.clone()))),
+                    Command::FrameRejected { .. } | Command::Stop => {}
+                }
+            }
+        }
+    }
+}
+
+fn receive(
+    txn: &WriteTransaction,
+    next: &mut u64,
+    sender: &DeviceId,
+    batch: UplinkBatch,
+    received_ms: i64,
+) -> Result<Receipt, StoreError> {
+    let key = format!("{}\0{}", sender.0, batch.lane);
+    let mut dedup: LaneDedup = {
+        let t = txn.open_table(DEDUP).st()?;
+        let v = t.get(key.as_str()).st()?;
+        match v {
+            Some(v) => postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(format!("dedup {key}: {e}")))?,
+            None => LaneDedup::default(),
+        }
+    };
+    dedup.raise_floor(batch.floor.0);
+    let skew = received_ms.saturating_sub(batch.sent_at_ms);
+    let mut receipt = Receipt { acked: Vec::new(), rejected: Vec::new(), stored: 0, duplicates: 0 };
+    {
+        let mut inbox = txn.open_table(INBOX).st()?;
+        for event in batch.events {
+            let seq = event.seq;
+            if seq.0 == 0 || event.lane != batch.lane {
+                receipt.rejected.push(Rejected { seq, reason: RejectReason::Invalid });
+                continue;
+            }
+            if dedup.admit(seq.0) {
+                let record = InboxRecord {
+                    sender: sender.clone(),
+                    received_ms,
+                    corrected_timestamp_ms: event.timestamp_ms.saturating_add(skew),
+                    event,
+                };
+                let bytes = postcard::to_stdvec(&record).map_err(|e| StoreError::Storage(e.to_string()))?;
+                inbox.insert(*next, bytes.as_slice()).st()?;
+                *next += 1;
+                receipt.stored += 1;
+            } else {
+                receipt.duplicates += 1;
+            }
+            receipt.acked.push(seq);
+        }
+    }
+    let bytes = postcard::to_stdvec(&dedup).map_err(|e| StoreError::Storage(e.to_string()))?;
+    txn.open_table(DEDUP).st()?.insert(key.as_str(), bytes.as_slice()).st()?;
+    let mut rec = load_device(txn, &sender.0)?;
+    rec.last_seen_ms = received_ms;
+    rec.events += receipt.stored as u64;
+    rec.duplicates += receipt.duplicates as u64;
+    rec.rejected += receipt.rejected.len() as u64;
+    rec.drops = batch.drops;
+    rec.clock_skew_ms = skew;
+    save_device(txn, &sender.0, &rec)?;
+    Ok(receipt)
+}
+
+fn load_device(txn: &WriteTransaction, id: &str) -> Result<DeviceRecord, StoreError> {
+    let t = txn.open_table(DEVICES).st()?;
+    let v = t.get(id).st()?;
+    Ok(match v {
+        Some(v) => postcard::from_bytes(v.value()).unwrap_or_default(),
+        None => DeviceRecord::default(),
+    })
+}
+
+fn save_device(txn: &WriteTransaction, id: &str, rec: &DeviceRecord) -> Result<(), StoreError> {
+    let bytes = postcard::to_stdvec(rec).map_err(|e| StoreError::Storage(e.to_string()))?;
+    txn.open_table(DEVICES).st()?.insert(id, bytes.as_slice()).st()?;
+    Ok(())
+}
+
+/// Removes inbox entries every destination is done with.
+fn prune_inbox(shared: &Shared, txn: &WriteTransaction) -> Result<(), StoreError> {
+    let done = shared.done.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(min) = done.values().min().copied() else { return Ok(()) };
+    drop(done);
+    let mut inbox = txn.open_table(INBOX).st()?;
+    // Bounded per commit so one prune never makes a long transaction.
+    for _ in 0..10_000 {
+        let first = inbox.first().st()?.map(|(k, _)| k.value());
+        match first {
+            Some(k) if k <= min => {
+                inbox.remove(k).st()?;
+            }
+            _ => break,
+        }
+    }
+    Ok(())
+}
