@@ -154,7 +154,7 @@ fn batch() -> UplinkBatch {
     UplinkBatch {
         device: device(),
         lane: "default".into(),
-        floor: Seq(1),
+        floor: Seq(41),
         sent_at_ms: 1_795_773_600_000,
         drops: Drops {
             consent_denied: 1,

@@ -238,3 +238,180 @@ pub fn fixture(name: &str) -> String {
 pub fn basic(user: &str, pass: &str) -> String {
     edge_agent::commands::basic_auth(user, pass)
 }
+
+/// A test's gateway: config, data dir, and (when running) process.
+#[derive(Debug)]
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub data_dir: PathBuf,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// A gateway on free ports with dev certificates for `devices` and one file
+    /// destination `events` in `<data>/out`. `extra` is appended to the config.
+    pub fn new(devices: &[&str], extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config_path = dir.path().join("gateway.toml");
+        let data_dir = dir.path().join("data");
+        let list = devices
+            .iter()
+            .map(|d| format!("\"{d}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "[mqtt]\nlisten = \"{mqtt}\"\n[http]\nlisten = \"{http}\"\n[tls]\ncreate_dev_certs = true\ndev_devices = [{list}]\n{extra}\n[[destinations]]\nname = \"events\"\nkind = \"file\"\ndir = \"out\"\nmax_file_size = \"1MiB\"\nmax_file_age = \"2s\"\n"
+        );
+        std::fs::write(&config_path, text).unwrap();
+        Gateway {
+            dir,
+            config_path,
+            data_dir,
+            mqtt,
+            http,
+            child: None,
+        }
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.data_dir.join("pki")
+    }
+
+    /// The `[agent]` + `[uplink]` config an agent needs to reach this gateway as `device`.
+    pub fn agent_config(&self, device: &str, uplink_extra: &str) -> String {
+        let pki = self.pki();
+        format!(
+            "[agent]\ndevice_id = \"{device}\"\n{BASE_CONFIG}\n[uplink]\nurl = \"mqtts://{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nbackoff_min = \"50ms\"\nbackoff_max = \"500ms\"\nack_timeout = \"3s\"\n{uplink_extra}\n",
+            self.mqtt,
+            pki.join("ca.pem").display(),
+            pki.join(format!("devices/{device}.pem")).display(),
+            pki.join(format!("devices/{device}.key")).display(),
+        )
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(bin("edge-gateway"));
+        c.arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    /// Runs a CLI subcommand against this gateway's config and data dir.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// Starts `edge-gateway run` and waits for `/health`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = self
+            .command()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = self.http;
+        if !wait_until(Duration::from_secs(20), || {
+            http::get(addr, "/health")
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        }) {
+            let log = self.stop_kill();
+            panic!("gateway did not come up: {log}");
+        }
+    }
+
+    pub fn stop_kill(&mut self) -> String {
+        let Some(mut child) = self.child.take() else {
+            return String::new();
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        drain_stderr(&mut child)
+    }
+
+    pub fn stop_term(&mut self) -> (bool, String) {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status.success(), drain_stderr(&mut child));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return (
+                    false,
+                    format!("did not exit after SIGTERM: {}", drain_stderr(&mut child)),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every line of every file the `events` destination wrote (closed or open).
+    pub fn delivered(&self) -> Vec<serde_json::Value> {
+        let out = self.data_dir.join("out");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        let mut lines = Vec::new();
+        for f in files {
+            let text = read_rotating(&f);
+            for l in text.lines() {
+                lines.push(
+                    serde_json::from_str(l)
+                        .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", f.display())),
+                );
+            }
+        }
+        lines
+    }
+
+    /// Number of delivered lines (cheaper than parsing them).
+    pub fn delivered_count(&self) -> usize {
+        let out = self.data_dir.join("out");
+        std::fs::read_dir(&out)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| {
+                        read_rotating(&e.path())
+                            .bytes()
+                            .filter(|c| *c == b'\n')
+                            .count()
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Reads a destination file that may be renamed from `x.open` to `x` meanwhile.
+fn read_rotating(path: &Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(_) => path
+            .to_str()
+            .and_then(|p| p.strip_suffix(".open"))
+            .and_then(|closed| std::fs::read_to_string(closed).ok())
+            .unwrap_or_default(),
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop_kill();
+    }
+}

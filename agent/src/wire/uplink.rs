@@ -2,11 +2,11 @@
 //!
 //! ```text
 //! UplinkBatch                                  (frame body, see wire::frame)
-//! +-----------+---------+--------------+---------+---------------------------+
-//! | device    | lane    | sent_at_ms   | drops   | events                    |
-//! | String    | String  | zigzag i64   | 5×u64   | varint n, n × Event       |
-//! +-----------+---------+--------------+---------+---------------------------+
-//!   (1)         (2)                      (3)       (4)
+//! +-----------+---------+------------+--------------+---------+----------------------+
+//! | device    | lane    | floor      | sent_at_ms   | drops   | events               |
+//! | String    | String  | varint u64 | zigzag i64   | 5×u64   | varint n, n × Event  |
+//! +-----------+---------+------------+--------------+---------+----------------------+
+//!   (1)         (2)       (3)                         (4)       (5)
 //!
 //! drops = consent_denied, consent_purged, lane_full, ttl_expired, invalid,
 //!         each a varint u64 (field order of spool::Drops).
@@ -41,9 +41,13 @@
 //!    device it came from in `identities.device_id`). The gateway rejects a batch
 //!    whose `device` is not the identity it arrived under.
 //! 2. Every event of a batch belongs to `lane`.
-//! 3. `drops` are the agent's cumulative loss counters at send time (not a delta):
+//! 3. `floor` (a `Seq`): every seq of `lane` below it was acked or dropped by the
+//!    agent and will never be sent again. It never decreases across batches of a
+//!    lane, and every event of the batch is at or above it; the gateway's
+//!    exactly-once admission rests on both.
+//! 4. `drops` are the agent's cumulative loss counters at send time (not a delta):
 //!    resending a batch cannot double-count them.
-//! 4. Events are in increasing `seq` order, but seqs are not contiguous: the lanes
+//! 5. Events are in increasing `seq` order, but seqs are not contiguous: the lanes
 //!    share one sequence, so other lanes' events fall in the gaps.
 //!
 //! ```text
