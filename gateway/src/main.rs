@@ -29,6 +29,13 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Run,
+    /// Run a whole local site in one process: this gateway plus an edge-agent
+    /// connected to it over mTLS (dev certificates made on the first run).
+    Quickstart {
+        /// Agent config; default `conf/agent.toml`.
+        #[arg(long, default_value = "conf/agent.toml")]
+        agent_config: PathBuf,
+    },
     /// Dev PKI: a CA, the server certificate, device certificates.
     Certs {
         #[command(subcommand)]
@@ -63,9 +70,11 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
-    let config = match &cli.config {
-        Some(path) => GatewayConfig::load(path),
-        None => Ok(GatewayConfig::default()),
+    let config = match (&cli.config, &cli.command) {
+        (Some(path), _) => GatewayConfig::load(path),
+        // The quickstart runs the shipped site config by default.
+        (None, Command::Quickstart { .. }) => GatewayConfig::load(std::path::Path::new("conf/gateway.toml")),
+        (None, _) => Ok(GatewayConfig::default()),
     };
     let config = match config {
         Ok(c) => c,
@@ -106,6 +115,31 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Quickstart { agent_config } => {
+            let agent = match edge_agent::config::AgentConfig::load(&agent_config) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("edge-gateway: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("edge-gateway: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(quickstart(config, data_dir, agent));
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edge-gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -128,6 +162,45 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Gateway and agent side by side until Ctrl-C/SIGTERM.
+async fn quickstart(
+    config: GatewayConfig,
+    data_dir: PathBuf,
+    agent: edge_agent::config::AgentConfig,
+) -> Result<(), String> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let http = config.http.listen;
+    let (gw_dir, token) = (data_dir.clone(), shutdown.clone());
+    let gateway = tokio::spawn(async move { edge_gateway::run(config, &gw_dir, token).await });
+    // The agent needs the gateway's dev certificates: wait until the gateway is up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(http).await.is_err() {
+        if gateway.is_finished() || tokio::time::Instant::now() > deadline {
+            shutdown.cancel();
+            return match gateway.await {
+                Ok(Err(e)) => Err(e.to_string()),
+                _ => Err("the gateway did not start".into()),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent_dir = agent.agent.data_dir.clone();
+    let listen = agent.http.listen;
+    println!(
+        "Local site up: agent API http://{listen} (try `curl -u dev-write-key: -X POST {listen}/v1/track -d '{{\"userId\":\"u1\",\"event\":\"Play\"}}'`), gateway admin http://{http}, file destination under {}.",
+        data_dir.display()
+    );
+    let agent_result = edge_agent::run(agent, &agent_dir, shutdown.clone()).await;
+    shutdown.cancel();
+    let gateway_result = gateway.await;
+    agent_result.map_err(|e| e.to_string())?;
+    match gateway_result {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
