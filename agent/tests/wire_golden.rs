@@ -60,7 +60,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn map(entries: Vec<(&str, Value)>) -> Map {
-    entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
 fn device() -> DeviceId {
@@ -294,13 +297,19 @@ fn compressed_batch_frame_still_decodes_to_the_frozen_body() {
     assert_eq!(raw_len as usize, plain.len() - 2);
     let raw = lz4_flex::block::decompress(&stored[6..], raw_len as usize).unwrap();
     assert_eq!(raw, plain[2..]);
-    assert!(stored.len() * 2 < plain.len(), "compression should pay here");
+    assert!(
+        stored.len() * 2 < plain.len(),
+        "compression should pay here"
+    );
 }
 
 #[test]
 fn ack_frame_is_frozen() {
     let a = ack();
-    let stored = golden("ack_v1.bin", &wire::encode_ack(&a, Compression::None).unwrap());
+    let stored = golden(
+        "ack_v1.bin",
+        &wire::encode_ack(&a, Compression::None).unwrap(),
+    );
     assert_eq!(wire::decode_ack(&stored, DEFAULT_MAX_FRAME).unwrap(), a);
 }
 

@@ -1,6 +1,8 @@
 //! `edge-gateway` library: everything the binary does, callable from tests.
 //!
-//! - [`endpoint`]: the embedded MQTT/TLS device endpoint.
+//! - [`endpoint`]: the embedded MQTT/TLS device endpoint (`mqtt.mode = "embedded"`).
+//! - [`broker`]: the consumer of an external broker (`mqtt.mode = "broker"`).
+//! - [`ingress`]: what both do with a device's frame: verify, commit, answer.
 //! - [`store`]: durable inbox, exactly-once admission, device records (redb).
 //! - [`dest`]: destinations reading the inbox (NDJSON files so far).
 //! - [`http`]: admin API and metrics.
@@ -8,10 +10,12 @@
 //! - [`tls`]: TLS of the device endpoint: mutual-TLS configuration, device identity from
 //!   the client certificate, revoked device ids.
 
+pub mod broker;
 pub mod config;
 pub mod dest;
 pub mod endpoint;
 pub mod http;
+pub mod ingress;
 pub mod pki;
 pub mod store;
 pub mod tls;
@@ -26,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use config::{resolve, DestinationKind, GatewayConfig};
+use config::{resolve, DestinationKind, GatewayConfig, MqttMode};
 use endpoint::{Endpoint, EndpointMetrics, Sessions};
 use store::Store;
 
@@ -53,6 +57,16 @@ pub enum GatewayError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("topic prefix: {0}")]
     Topics(String),
+    #[error("broker: {0}")]
+    Broker(#[from] broker::BrokerError),
+}
+
+/// How devices reach this gateway (`mqtt.mode`), with its TLS loaded.
+enum DeviceSide {
+    /// The embedded endpoint's server TLS configuration.
+    Embedded(Arc<rustls::ServerConfig>),
+    /// The broker consumer's settings (client TLS included).
+    Broker(broker::BrokerSettings),
 }
 
 /// Creates the dev PKI and the configured dev device certificates if missing.
@@ -73,11 +87,22 @@ pub fn ensure_dev_certs(pki_dir: &Path, devices: &[String]) -> Result<(), pki::P
 pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationToken) -> Result<(), GatewayError> {
     std::fs::create_dir_all(data_dir).map_err(|source| GatewayError::DataDir { path: data_dir.to_owned(), source })?;
     let pki_dir = resolve(data_dir, &config.tls.pki_dir);
+    let broker_mode = config.mqtt.mode == MqttMode::Broker;
     if config.tls.create_dev_certs {
-        ensure_dev_certs(&pki_dir, &config.tls.dev_devices)?;
+        let mut devices = config.tls.dev_devices.clone();
+        // The gateway's own broker client certificate, where the default path expects it.
+        if broker_mode && config.mqtt.broker_cert.is_none() && !devices.contains(&config.mqtt.client_id) {
+            devices.push(config.mqtt.client_id.clone());
+        }
+        ensure_dev_certs(&pki_dir, &devices)?;
     }
-    let layout = pki::PkiDir::new(&pki_dir);
-    let server_tls = tls::server_config(&layout.ca_cert(), &layout.server_cert(), &layout.server_key())?;
+    // TLS files are loaded before anything starts, so a bad path fails the start cleanly.
+    let device_side = if broker_mode {
+        DeviceSide::Broker(broker::BrokerSettings::from_config(&config.mqtt, data_dir, &pki_dir)?)
+    } else {
+        let layout = pki::PkiDir::new(&pki_dir);
+        DeviceSide::Embedded(tls::server_config(&layout.ca_cert(), &layout.server_cert(), &layout.server_key())?)
+    };
     let revoked = Arc::new(match &config.tls.revoked {
         Some(p) => tls::RevocationList::load(resolve(data_dir, p))?,
         None => tls::RevocationList::empty(),
@@ -131,23 +156,38 @@ pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationT
         });
     }
 
-    let mqtt = TcpListener::bind(config.mqtt.listen)
-        .await
-        .map_err(|source| GatewayError::Listen { addr: config.mqtt.listen, source })?;
     let http = TcpListener::bind(config.http.listen)
         .await
         .map_err(|source| GatewayError::Listen { addr: config.http.listen, source })?;
-    info!(mqtt = %config.mqtt.listen, http = %config.http.listen, "Gateway listening.");
-    let endpoint = Arc::new(Endpoint {
-        config: config.mqtt.clone(),
-        topics,
-        acceptor: TlsAcceptor::from(server_tls),
-        store: Arc::clone(&store),
-        revoked,
-        sessions: Arc::clone(&sessions),
-        metrics: Arc::clone(&metrics),
-    });
-    tasks.spawn(endpoint.run(mqtt, shutdown.clone()));
+    match device_side {
+        DeviceSide::Broker(settings) => {
+            info!(broker = ?config.mqtt.broker_url, http = %config.http.listen, "Gateway listening (broker mode).");
+            let consumer = broker::BrokerConsumer {
+                settings,
+                topics,
+                store: Arc::clone(&store),
+                revoked,
+                metrics: Arc::clone(&metrics),
+            };
+            tasks.spawn(consumer.run(shutdown.clone()));
+        }
+        DeviceSide::Embedded(server_tls) => {
+            let mqtt = TcpListener::bind(config.mqtt.listen)
+                .await
+                .map_err(|source| GatewayError::Listen { addr: config.mqtt.listen, source })?;
+            info!(mqtt = %config.mqtt.listen, http = %config.http.listen, "Gateway listening.");
+            let endpoint = Arc::new(Endpoint {
+                config: config.mqtt.clone(),
+                topics,
+                acceptor: TlsAcceptor::from(server_tls),
+                store: Arc::clone(&store),
+                revoked,
+                sessions: Arc::clone(&sessions),
+                metrics: Arc::clone(&metrics),
+            });
+            tasks.spawn(endpoint.run(mqtt, shutdown.clone()));
+        }
+    }
     let admin = Arc::new(http::Admin { store: Arc::clone(&store), metrics, sessions });
     tasks.spawn(admin.serve(http, shutdown.clone()));
 

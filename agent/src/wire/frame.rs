@@ -31,7 +31,7 @@
 //! sender without a version bump; receivers must know every flag they accept.
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::ack::Ack;
 use super::downlink::Downlink;
@@ -53,8 +53,9 @@ const RAW_LEN_LEN: usize = 4;
 /// frame and for its decompressed body alike.
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
 
-/// How an encoder should treat the body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How an encoder should treat the body. In config files: `"none"` or `"lz4"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// Send the postcard body as is.
     #[default]
@@ -362,6 +363,19 @@ mod tests {
     }
 
     #[test]
+    fn compression_reads_from_config_in_lowercase() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            compression: Compression,
+        }
+        let c: C = toml::from_str("compression = \"lz4\"").unwrap();
+        assert_eq!(c.compression, Compression::Lz4);
+        let c: C = toml::from_str("compression = \"none\"").unwrap();
+        assert_eq!(c.compression, Compression::None);
+        assert!(toml::from_str::<C>("compression = \"zstd\"").is_err());
+    }
+
+    #[test]
     fn compression_is_skipped_when_it_does_not_pay() {
         let f = encode_hello(&hello(), Compression::Lz4).unwrap();
         assert_eq!(f, encode_hello(&hello(), Compression::None).unwrap());
@@ -378,44 +392,60 @@ mod tests {
         assert_eq!(decode_hello(&[VERSION], 100), Err(WireError::Truncated));
     }
 
-    #[test]
-    fn every_proper_prefix_of_a_frame_fails_cleanly() {
-        let mut frames = vec![
-            encode_batch(&batch(3), Compression::None).unwrap(),
-            encode_batch(&batch(20), Compression::Lz4).unwrap(),
-            encode_ack(&ack(), Compression::None).unwrap(),
-            encode_hello(&hello(), Compression::None).unwrap(),
+    /// Decodes with the decoder for the frame's own message type.
+    type Decoder = fn(&[u8]) -> Option<WireError>;
+
+    fn own_decoders() -> Vec<(Vec<u8>, Decoder)> {
+        let mut frames: Vec<(Vec<u8>, Decoder)> = vec![
+            (encode_batch(&batch(3), Compression::None).unwrap(), |f| {
+                decode_batch(f, DEFAULT_MAX_FRAME).err()
+            }),
+            (encode_ack(&ack(), Compression::None).unwrap(), |f| {
+                decode_ack(f, DEFAULT_MAX_FRAME).err()
+            }),
+            (encode_hello(&hello(), Compression::None).unwrap(), |f| {
+                decode_hello(f, DEFAULT_MAX_FRAME).err()
+            }),
         ];
-        frames.extend(
-            downlinks()
-                .iter()
-                .map(|d| encode_downlink(d, Compression::None).unwrap()),
-        );
-        for f in &frames {
-            for len in 0..f.len() {
-                let cut = &f[..len];
-                let results = [
-                    decode_batch(cut, DEFAULT_MAX_FRAME).err(),
-                    decode_ack(cut, DEFAULT_MAX_FRAME).err(),
-                    decode_hello(cut, DEFAULT_MAX_FRAME).err(),
-                    decode_downlink(cut, DEFAULT_MAX_FRAME).err(),
-                ];
-                // A prefix may happen to be a complete, shorter message of another type
-                // (that is what the type-specific topics are for), but never of its own.
-                assert!(results.iter().any(Option::is_some), "len {len} decoded");
+        for d in downlinks() {
+            frames.push((encode_downlink(&d, Compression::None).unwrap(), |f| {
+                decode_downlink(f, DEFAULT_MAX_FRAME).err()
+            }));
+        }
+        frames
+    }
+
+    #[test]
+    fn every_prefix_of_a_plain_frame_is_empty_or_truncated() {
+        for (frame, decode) in own_decoders() {
+            assert_eq!(decode(&frame), None);
+            assert_eq!(decode(&[]), Some(WireError::Empty));
+            for len in 1..frame.len() {
+                assert_eq!(
+                    decode(&frame[..len]),
+                    Some(WireError::Truncated),
+                    "len {len}"
+                );
             }
         }
     }
 
     #[test]
-    fn uncompressed_prefix_of_its_own_type_is_reported_as_truncated() {
-        let f = encode_hello(&hello(), Compression::None).unwrap();
-        for len in 2..f.len() {
-            assert_eq!(
-                decode_hello(&f[..len], DEFAULT_MAX_FRAME),
-                Err(WireError::Truncated),
-                "len {len}"
-            );
+    fn every_prefix_of_a_compressed_frame_fails_cleanly() {
+        let frame = encode_batch(&batch(20), Compression::Lz4).unwrap();
+        assert_eq!(frame[1], FLAG_COMPRESSED);
+        for len in 1..frame.len() {
+            let cut = &frame[..len];
+            let err = decode_batch(cut, DEFAULT_MAX_FRAME).unwrap_err();
+            if len < HEADER_LEN + RAW_LEN_LEN {
+                assert_eq!(err, WireError::Truncated, "len {len}");
+            } else {
+                assert!(matches!(err, WireError::Decompress(_)), "len {len}: {err}");
+            }
+            // Other decoders see the same bytes on the wrong topic: no panic either.
+            let _ = decode_ack(cut, DEFAULT_MAX_FRAME);
+            let _ = decode_hello(cut, DEFAULT_MAX_FRAME);
+            let _ = decode_downlink(cut, DEFAULT_MAX_FRAME);
         }
     }
 

@@ -19,6 +19,24 @@
 //! and refuse trailing bytes. The layout of each message is drawn beside its type
 //! ([`uplink`], [`ack`], [`downlink`]); `agent/tests/fixtures/wire/*.bin` freeze it.
 //!
+//! The drawings use postcard's (stable, 1.x) encoding of each Rust type:
+//!
+//! ```text
+//! u8              1 byte, as is
+//! u16..u64, u128  varint: LEB128, 7 bits per byte, least significant group first,
+//!                 high bit set on every byte but the last (u64: 1-10 bytes,
+//!                 u128: 1-19); e.g. 300 = ac 02
+//! i64             zigzag ((n << 1) ^ (n >> 63): 0, -1, 1, -2 → 0, 1, 2, 3), then varint
+//! f64             8 bytes, IEEE 754, little-endian
+//! bool            1 byte, 00 or 01; any other value is malformed
+//! String          varint byte length, then UTF-8 bytes
+//! Option<T>       00 for None, 01 then T for Some
+//! Vec<T>, map     varint element count, then the elements
+//! struct, tuple   the fields in declaration order, nothing between them
+//! enum            varint variant index (declaration order), then the variant's fields
+//! newtype         as its inner value (Seq = varint u64, DeviceId = String)
+//! ```
+//!
 //! Evolving the format: postcard has no field tags, so a message's fields can never be
 //! reordered, removed or appended without a new [`frame::VERSION`]. The same holds for
 //! every type embedded in a message ([`Event`](crate::model::Event),

@@ -19,7 +19,7 @@
 //! 3. No empty level (leading, trailing or doubled `/`).
 //! 4. At most [`MAX_TEMPLATE_LEN`] bytes.
 //!
-//! Device ids must pass [`valid_device_id`](crate::config::valid_device_id), which
+//! Device ids must pass [`valid_device_id`], which
 //! excludes `/`, `+` and `#`: a device id can never reach into another device's
 //! topics or widen a filter.
 

@@ -1,22 +1,22 @@
 //! One device connection: handshake, CONNECT checks, then the packet loop.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use edge_agent::model::{now_ms, DeviceId};
-use edge_agent::wire::{self, Ack, Compression, Downlink, SeqRange};
+use bytes::{Bytes, BytesMut};
+use edge_agent::model::DeviceId;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
-    Codec, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+    Codec, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode,
+    UnsubAck,
 };
-use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::{Error as MqttError, QoS};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Decoder, Encoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Endpoint, EndpointMetrics};
+use crate::ingress::{self, IngressError};
 use crate::tls::peer_device_id;
 
 /// Why a connection ended early.
@@ -32,6 +32,10 @@ pub enum ConnError {
     ConnectTimeout,
     #[error("first packet was not CONNECT")]
     NotConnect,
+    /// The CONNECT is for another protocol version (MQTT 5, MQTT 3.1); refused with
+    /// CONNACK 0x01.
+    #[error("CONNECT is not MQTT 3.1.1")]
+    UnsupportedProtocol,
     #[error("client id `{client_id}` is not the certificate's device `{device}`")]
     ClientIdMismatch { client_id: String, device: String },
     #[error("device `{0}` is revoked")]
@@ -46,7 +50,7 @@ pub enum ConnError {
     Store(String),
 }
 
-type Conn = Framed<tokio_rustls::server::TlsStream<TcpStream>, Codec>;
+type Conn = Framed<tokio_rustls::server::TlsStream<TcpStream>, DeviceCodec>;
 
 pub(super) async fn serve(ep: &Endpoint, stream: TcpStream, shutdown: CancellationToken) -> Result<(), ConnError> {
     let tls = match tokio::time::timeout(ep.config.handshake_timeout, ep.acceptor.accept(stream)).await {
@@ -62,17 +66,23 @@ pub(super) async fn serve(ep: &Endpoint, stream: TcpStream, shutdown: Cancellati
     };
     let device = peer_device_id(tls.get_ref().1).map_err(|e| ConnError::Identity(e.to_string()))?;
     let max = usize::try_from(ep.config.max_packet_size.0).unwrap_or(usize::MAX);
-    let mut conn: Conn = Framed::new(tls, Codec { max_incoming_size: max, max_outgoing_size: max });
+    let mut conn: Conn = Framed::new(tls, DeviceCodec(Codec { max_incoming_size: max, max_outgoing_size: max }));
 
+    let refuse = |code| Packet::ConnAck(ConnAck { session_present: false, code });
     let first = tokio::time::timeout(ep.config.connect_timeout, conn.next()).await;
     let connect = match first {
         Err(_) => return Err(ConnError::ConnectTimeout),
         Ok(Some(Ok(Packet::Connect(c)))) => c,
         Ok(Some(Ok(_))) => return Err(ConnError::NotConnect),
+        // MQTT 3.1.1 §3.1.2.2 [MQTT-3.1.2-2]; MQTT 5 and 3.1 clients read it too.
+        Ok(Some(Err(MqttError::InvalidProtocol | MqttError::InvalidProtocolLevel(_)))) => {
+            EndpointMetrics::inc(&ep.metrics.connects_refused);
+            let _ = conn.send(refuse(ConnectReturnCode::RefusedProtocolVersion)).await;
+            return Err(ConnError::UnsupportedProtocol);
+        }
         Ok(Some(Err(e))) => return Err(ConnError::Protocol(e.to_string())),
         Ok(None) => return Err(ConnError::NotConnect),
     };
-    let refuse = |code| Packet::ConnAck(ConnAck { session_present: false, code });
     if connect.client_id != device.0 {
         EndpointMetrics::inc(&ep.metrics.connects_refused);
         let _ = conn.send(refuse(ConnectReturnCode::BadClientId)).await;
@@ -168,10 +178,16 @@ impl Session<'_> {
                     EndpointMetrics::inc(&self.ep.metrics.topic_violations);
                     return Err(ConnError::Topic { device: self.device.0.clone(), topic: p.topic });
                 }
-                if qos != QoS::AtMostOnce {
-                    conn.send(Packet::PubAck(PubAck::new(pkid)))
-                        .await
-                        .map_err(|e| ConnError::Protocol(e.to_string()))?;
+                let reply = match qos {
+                    QoS::AtMostOnce => None,
+                    QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(pkid))),
+                    // The frame is committed already and a resent one is a duplicate
+                    // the store ignores, so QoS 2 needs no state here: PUBREC now,
+                    // PUBCOMP on PUBREL (MQTT 3.1.1 §4.3.3).
+                    QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(pkid))),
+                };
+                if let Some(reply) = reply {
+                    conn.send(reply).await.map_err(|e| ConnError::Protocol(e.to_string()))?;
                 }
                 Ok(true)
             }
@@ -220,6 +236,12 @@ impl Session<'_> {
             // Acks of our QoS1 downlink: redelivery is the agent's business (resend
             // on ack timeout, hello on reconnect), so nothing to track here.
             Packet::PubAck(_) => Ok(true),
+            Packet::PubRel(r) => {
+                conn.send(Packet::PubComp(PubComp::new(r.pkid)))
+                    .await
+                    .map_err(|e| ConnError::Protocol(e.to_string()))?;
+                Ok(true)
+            }
             Packet::Disconnect => Ok(false),
             Packet::Connect(_) => Err(ConnError::Protocol("second CONNECT".into())),
             other => Err(ConnError::Protocol(format!("unexpected packet {other:?}"))),
@@ -227,43 +249,16 @@ impl Session<'_> {
     }
 
     async fn uplink(&mut self, conn: &mut Conn, topics: &edge_agent::wire::DeviceTopics, payload: Bytes) -> Result<(), ConnError> {
+        let (store, metrics) = (&self.ep.store, &self.ep.metrics);
         let max = usize::try_from(self.ep.config.max_packet_size.0).unwrap_or(usize::MAX);
-        let batch = match wire::decode_batch(&payload, max) {
-            Ok(b) => b,
-            Err(e) => {
-                EndpointMetrics::inc(&self.ep.metrics.frames_rejected);
-                warn!(device = %self.device, error = %e, "Uplink frame rejected.");
-                self.ep.store.frame_rejected(self.device.clone());
-                return Ok(());
-            }
-        };
-        if batch.device != self.device {
-            EndpointMetrics::inc(&self.ep.metrics.frames_rejected);
-            warn!(device = %self.device, claimed = %batch.device, "Frame names another device; rejected.");
-            self.ep.store.frame_rejected(self.device.clone());
+        // A refused frame is counted and logged by `ingress`; the connection goes on.
+        let Ok(batch) = ingress::verify_batch(store, metrics, &self.device, &payload, max) else {
             return Ok(());
-        }
+        };
         if let Some(wait) = self.bucket.take(batch.events.len() as u64) {
             tokio::time::sleep(wait).await;
         }
-        let received = now_ms();
-        let receipt = self
-            .ep
-            .store
-            .receive(self.device.clone(), batch, received)
-            .await
-            .map_err(|e| ConnError::Store(e.to_string()))?;
-        let m = &self.ep.metrics;
-        m.batches_received.fetch_add(1, Ordering::Relaxed);
-        m.events_stored.fetch_add(receipt.stored as u64, Ordering::Relaxed);
-        m.events_duplicate.fetch_add(receipt.duplicates as u64, Ordering::Relaxed);
-        let ack = Ack {
-            device: self.device.clone(),
-            acked: SeqRange::compact(receipt.acked),
-            rejected: receipt.rejected,
-            gateway_time_ms: now_ms(),
-        };
-        let frame = wire::encode_ack(&ack, Compression::None).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let frame = ingress::commit_batch(store, metrics, &self.device, batch).await.map_err(ConnError::from)?;
         if self.subscribed_ack {
             self.publish(conn, topics.ack(), frame).await?;
         }
@@ -271,21 +266,80 @@ impl Session<'_> {
     }
 
     async fn hello(&mut self, conn: &mut Conn, topics: &edge_agent::wire::DeviceTopics, payload: &[u8]) -> Result<(), ConnError> {
-        let hello = match wire::decode_hello(payload, wire::DEFAULT_MAX_FRAME) {
-            Ok(h) if h.device == self.device => h,
-            Ok(_) | Err(_) => {
-                EndpointMetrics::inc(&self.ep.metrics.frames_rejected);
-                self.ep.store.frame_rejected(self.device.clone());
-                return Ok(());
-            }
+        let frame = match ingress::handle_hello(&self.ep.store, &self.ep.metrics, &self.device, payload) {
+            Ok(frame) => frame,
+            Err(IngressError::Rejected(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
-        let reply = Downlink::HelloReply { gateway_time_ms: now_ms(), audiences_version: hello.audiences_version };
-        let frame = wire::encode_downlink(&reply, Compression::None).map_err(|e| ConnError::Protocol(e.to_string()))?;
         if self.subscribed_down {
             self.publish(conn, topics.down(), frame).await?;
         }
         Ok(())
     }
+}
+
+impl From<IngressError> for ConnError {
+    fn from(e: IngressError) -> Self {
+        match e {
+            IngressError::Store(e) => ConnError::Store(e.to_string()),
+            IngressError::Rejected(_) | IngressError::Encode(_) => ConnError::Protocol(e.to_string()),
+        }
+    }
+}
+
+/// rumqttc's MQTT 3.1.1 codec plus the check its CONNECT parser lacks: it takes a
+/// CONNECT of protocol level 5 for a 3.1.1 one and misreads the rest (an MQTT 5 client
+/// got "bad client id"). A CONNECT whose protocol name and level are not `MQTT` and 4
+/// fails here with `InvalidProtocol`/`InvalidProtocolLevel`, before it is parsed.
+#[derive(Debug)]
+pub(super) struct DeviceCodec(Codec);
+
+impl Decoder for DeviceCodec {
+    type Item = Packet;
+    type Error = MqttError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, MqttError> {
+        if let Some((name, level)) = connect_protocol(src) {
+            if name != b"MQTT" {
+                return Err(MqttError::InvalidProtocol);
+            }
+            if level != 4 {
+                return Err(MqttError::InvalidProtocolLevel(level));
+            }
+        }
+        self.0.decode(src)
+    }
+}
+
+impl Encoder<Packet> for DeviceCodec {
+    type Error = MqttError;
+
+    fn encode(&mut self, item: Packet, dst: &mut BytesMut) -> Result<(), MqttError> {
+        self.0.encode(item, dst)
+    }
+}
+
+/// The protocol name and level of a CONNECT at the head of `buf`, once that much of it
+/// has arrived; `None` for any other packet, or when the codec will find it malformed.
+///
+/// ```text
+/// 0x10 | remaining length, 1-4 bytes | name length u16 BE | name | level | ...
+/// ```
+fn connect_protocol(buf: &[u8]) -> Option<(&[u8], u8)> {
+    if *buf.first()? != 0x10 {
+        return None;
+    }
+    let mut at = 1;
+    while buf.get(at)? & 0x80 != 0 {
+        at += 1;
+        if at > 4 {
+            return None;
+        }
+    }
+    at += 1;
+    let len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
+    let name = buf.get(at + 2..at + 2 + len)?;
+    Some((name, *buf.get(at + 2 + len)?))
 }
 
 /// Token bucket: a device may send `rate` events per second, bursting one second's
@@ -311,6 +365,58 @@ impl Bucket {
             None
         } else {
             Some(Duration::from_secs_f64(-self.tokens / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> DeviceCodec {
+        DeviceCodec(Codec { max_incoming_size: 1024, max_outgoing_size: 1024 })
+    }
+
+    /// CONNECT with protocol `name`/`level`, clean session, keep-alive 60, client id `dev-1`
+    /// (and the empty property list MQTT 5 puts before it).
+    fn connect(name: &str, level: u8) -> BytesMut {
+        let mut body = vec![0, name.len() as u8];
+        body.extend(name.as_bytes());
+        body.extend([level, 0x02, 0, 60]);
+        if level == 5 {
+            body.push(0);
+        }
+        body.extend([0, 5]);
+        body.extend(b"dev-1");
+        let mut packet = BytesMut::from(&[0x10, body.len() as u8][..]);
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    #[test]
+    fn an_mqtt_3_1_1_connect_is_decoded() {
+        let Ok(Some(Packet::Connect(c))) = codec().decode(&mut connect("MQTT", 4)) else {
+            panic!("not decoded");
+        };
+        assert_eq!(c.client_id, "dev-1");
+    }
+
+    #[test]
+    fn an_mqtt_5_connect_is_refused_by_its_level_not_misread() {
+        assert!(matches!(codec().decode(&mut connect("MQTT", 5)), Err(MqttError::InvalidProtocolLevel(5))));
+    }
+
+    #[test]
+    fn an_mqtt_3_1_connect_is_refused_by_its_name() {
+        assert!(matches!(codec().decode(&mut connect("MQIsdp", 3)), Err(MqttError::InvalidProtocol)));
+    }
+
+    #[test]
+    fn a_connect_cut_before_its_level_waits_for_more_bytes() {
+        let full = connect("MQTT", 5);
+        for cut in 0..8 {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert!(matches!(codec().decode(&mut part), Ok(None)), "cut at {cut}");
         }
     }
 }

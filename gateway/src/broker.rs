@@ -1,0 +1,519 @@
+//! External broker mode: the gateway is an MQTT 5 client (rumqttc) of a broker that the
+//! devices connect to (Mosquitto for a site, a cluster for a fleet). It takes every
+//! device's uplink through shared subscriptions (`$share/<group>/<prefix>/up` and
+//! `/hello`, `{device}` as `+`), so the gateways of one group split the load, and
+//! answers each device on its own topics (`/ack`, `/down`). Frames go through the same
+//! [`ingress`](crate::ingress) code as on the embedded endpoint.
+//!
+//! The broker authenticates devices by certificate and its ACLs confine each to its own
+//! topics (`conf/mosquitto.acl`), so a message's device is the one its topic names; a
+//! frame naming another device is refused and counted, as on the embedded endpoint.
+//!
+//! What must stay true:
+//! 1. A PUBLISH is acknowledged to the broker (manual PUBACK) only after its batch is
+//!    committed. A gateway that dies before its commit gets the message again from its
+//!    persistent session (clean start off, `broker_session_expiry`) when it comes back.
+//! 2. PUBACKs leave in the order the PUBLISHes arrived (MQTT 5 §4.6), though batches are
+//!    committed concurrently, at most [`BrokerSettings::max_in_flight`] per connection:
+//!    the receive maximum the broker must respect.
+//! 3. A PUBACK goes only to the connection that delivered its PUBLISH. After a
+//!    reconnect the broker sends unacknowledged messages again under their packet ids,
+//!    and a late PUBACK could acknowledge a newer message that reuses the id.
+//! 4. No wait closes a cycle. The driver waits on handlers; handlers and the driver
+//!    queue at most two requests (answer, PUBACK) per message into the client's
+//!    request queue, sized for twice the in-flight cap, so they never wait on the event
+//!    loop; the event loop task waits only on the driver's queue, and the driver reads
+//!    it whenever fewer than twice `max_in_flight` messages are being handled.
+//!
+//! A broker's PUBACK is not the device's guarantee: the agent forgets events only on
+//! the gateway's `Ack` (DESIGN §3.2). So a message whose commit failed is acknowledged
+//! to the broker all the same (holding it would only block a receive slot until the
+//! next reconnect) and the agent sends its batch again after its ack timeout.
+//!
+//! This module must not take identity from a payload, and must not answer a device
+//! before the commit.
+
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use edge_agent::model::DeviceId;
+use edge_agent::wire::{TopicKind, Topics};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{resolve, MqttConfig};
+use crate::endpoint::EndpointMetrics;
+use crate::ingress::{self, IngressError};
+use crate::pki::PkiDir;
+use crate::store::Store;
+use crate::tls::{self, RevocationList, TlsError};
+
+/// Connection events queued from the event loop task beyond the in-flight messages.
+const NET_QUEUE_SLACK: usize = 16;
+/// Client requests beyond two per message being handled (subscribes, disconnect).
+const REQUEST_QUEUE_SLACK: usize = 16;
+/// How long shutdown waits for in-flight commits and for the DISCONNECT to go out.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the broker consumer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// `mqtt.broker_url` is missing or not `mqtts://host:port`.
+    #[error("mqtt.broker_url {0}")]
+    Url(String),
+    /// The gateway's client certificate, its key or the CA could not be loaded.
+    #[error("broker TLS: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// The checked settings of broker mode, from `[mqtt]`.
+#[derive(Clone)]
+pub struct BrokerSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub shared_group: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub keep_alive: Duration,
+    pub session_expiry: Duration,
+    /// Receive maximum: uplink messages handled at once per connection.
+    pub max_in_flight: u16,
+    /// Largest MQTT packet either way, and so largest uplink frame.
+    pub max_packet_size: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("broker", &format_args!("{}:{}", self.host, self.port))
+            .field("client_id", &self.client_id)
+            .field("shared_group", &self.shared_group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the gateway's broker client certificate, key and CA are: the configured paths
+/// (relative to `data_dir`), else `<pki_dir>/ca.pem` and
+/// `<pki_dir>/devices/<client_id>.{pem,key}`.
+pub fn tls_paths(mqtt: &MqttConfig, data_dir: &Path, pki_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let layout = PkiDir::new(pki_dir);
+    let id = DeviceId(mqtt.client_id.clone());
+    let pick = |configured: &Option<PathBuf>, default: PathBuf| match configured {
+        Some(p) => resolve(data_dir, p),
+        None => default,
+    };
+    (
+        pick(&mqtt.broker_ca, layout.ca_cert()),
+        pick(&mqtt.broker_cert, layout.device_cert(&id)),
+        pick(&mqtt.broker_key, layout.device_key(&id)),
+    )
+}
+
+impl BrokerSettings {
+    /// Builds the settings from a validated `[mqtt]`, loading the TLS files.
+    pub fn from_config(mqtt: &MqttConfig, data_dir: &Path, pki_dir: &Path) -> Result<Self, BrokerError> {
+        let (host, port) = mqtt.broker_address().map_err(BrokerError::Url)?;
+        let (ca, cert, key) = tls_paths(mqtt, data_dir, pki_dir);
+        Ok(BrokerSettings {
+            host,
+            port,
+            client_id: mqtt.client_id.clone(),
+            shared_group: mqtt.shared_group.clone(),
+            tls: tls::client_config(&ca, &cert, &key)?,
+            keep_alive: mqtt.broker_keep_alive,
+            session_expiry: mqtt.broker_session_expiry,
+            max_in_flight: mqtt.broker_max_in_flight.max(1),
+            max_packet_size: u32::try_from(mqtt.max_packet_size.0).unwrap_or(u32::MAX),
+            backoff_min: mqtt.broker_backoff_min,
+            backoff_max: mqtt.broker_backoff_max,
+        })
+    }
+
+    fn options(&self) -> MqttOptions {
+        let mut opts = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(&self.tls))));
+        // Validation keeps it in 5 s..=u16::MAX s; rumqttc panics below 5 s.
+        opts.set_keep_alive(self.keep_alive.max(Duration::from_secs(5)));
+        opts.set_clean_start(false);
+        let expiry = u32::try_from(self.session_expiry.as_secs()).unwrap_or(u32::MAX);
+        opts.set_session_expiry_interval(Some(expiry.max(1)));
+        opts.set_receive_maximum(Some(self.max_in_flight));
+        opts.set_max_packet_size(Some(self.max_packet_size));
+        opts.set_manual_acks(true);
+        opts
+    }
+
+    /// The shared subscription filter of `kind` for every device.
+    fn filter(&self, topics: &Topics, kind: TopicKind) -> String {
+        format!("$share/{}/{}", self.shared_group, topics.filter(kind))
+    }
+
+    /// Messages handled at once, across connections (invariant 4).
+    fn handling_cap(&self) -> usize {
+        2 * usize::from(self.max_in_flight)
+    }
+}
+
+/// The broker consumer: one MQTT connection, an event loop task, and a driver that
+/// hands each uplink message to a handler task and acknowledges them in order.
+#[derive(Debug)]
+pub struct BrokerConsumer {
+    pub settings: BrokerSettings,
+    pub topics: Topics,
+    pub store: Arc<Store>,
+    pub revoked: Arc<RevocationList>,
+    pub metrics: Arc<EndpointMetrics>,
+}
+
+/// What the event loop task reports to the driver.
+#[derive(Debug)]
+enum Net {
+    Connected { session_present: bool },
+    /// One SUBACK; subscribes go out one filter each and are answered in order.
+    SubAck { reasons: Vec<SubscribeReasonCode> },
+    Lost(String),
+    Message { publish: Publish, connection: u64 },
+}
+
+/// A message being handled; its PUBACK waits for its handler and for those before it.
+#[derive(Debug)]
+struct InFlight {
+    publish: Publish,
+    /// The connection it came on (invariant 3).
+    connection: u64,
+    handler: JoinHandle<()>,
+}
+
+impl BrokerConsumer {
+    /// Consumes the uplink until `shutdown`; then finishes the messages in hand,
+    /// acknowledges them and disconnects, leaving the session to the broker.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let me = Arc::new(self);
+        let s = &me.settings;
+        let cap = s.handling_cap();
+        let (client, eventloop) = AsyncClient::new(s.options(), 2 * cap + REQUEST_QUEUE_SLACK);
+        let (net_tx, mut net_rx) = mpsc::channel(usize::from(s.max_in_flight) + NET_QUEUE_SLACK);
+        // Bumped whenever the connection is lost; a message carries the value it came with.
+        let connection = Arc::new(AtomicU64::new(0));
+        let stop_loop = CancellationToken::new();
+        let mut event_loop = tokio::spawn(drive_event_loop(
+            eventloop,
+            net_tx,
+            Arc::clone(&connection),
+            Backoff::new(s.backoff_min, s.backoff_max),
+            stop_loop.clone(),
+        ));
+        info!(broker = %format_args!("{}:{}", s.host, s.port), client_id = %s.client_id, group = %s.shared_group, "Consuming the uplink from the broker.");
+
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut connected = false;
+        // Filters subscribed on this connection and not answered yet, in order.
+        let mut subscribing: VecDeque<String> = VecDeque::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = front_done(&mut in_flight) => {
+                    if let Some(done) = in_flight.pop_front() {
+                        settle(&client, &done, &connection).await;
+                    }
+                }
+                net = net_rx.recv(), if in_flight.len() < cap => match net {
+                    None => break,
+                    Some(Net::Connected { session_present }) => {
+                        connected = true;
+                        info!(session_present, "Connected to the broker.");
+                        // Subscribing again is harmless when the session kept them, and
+                        // required when the broker lost it.
+                        subscribing.clear();
+                        for kind in [TopicKind::Up, TopicKind::Hello] {
+                            let filter = s.filter(&me.topics, kind);
+                            match client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                                Ok(()) => subscribing.push_back(filter),
+                                Err(e) => warn!(filter = %filter, error = %e, "Subscribe not queued."),
+                            }
+                        }
+                    }
+                    Some(Net::SubAck { reasons }) => {
+                        let filter = subscribing.pop_front().unwrap_or_default();
+                        for reason in reasons {
+                            match reason {
+                                SubscribeReasonCode::Success(_) => info!(filter = %filter, "Subscribed."),
+                                refused => error!(filter = %filter, reason = ?refused, "The broker refused the gateway's subscription; check its ACL for the gateway's user."),
+                            }
+                        }
+                    }
+                    Some(Net::Lost(e)) => {
+                        if connected {
+                            warn!(error = %e, "Broker connection lost; reconnecting.");
+                        } else {
+                            debug!(error = %e, "Broker connect failed; backing off.");
+                        }
+                        connected = false;
+                    }
+                    Some(Net::Message { publish, connection }) => {
+                        let handler = tokio::spawn(Arc::clone(&me).handle(client.clone(), publish.topic.clone(), publish.payload.clone()));
+                        in_flight.push_back(InFlight { publish, connection, handler });
+                    }
+                },
+            }
+        }
+
+        // Shutdown: no new messages (the broker keeps them for this session or hands
+        // them to another gateway of the group), finish and acknowledge those in hand.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !in_flight.is_empty() {
+            tokio::select! {
+                () = front_done(&mut in_flight) => {
+                    if let Some(done) = in_flight.pop_front() {
+                        settle(&client, &done, &connection).await;
+                    }
+                }
+                // Keep the event loop task unblocked; what it reports no longer matters.
+                Some(_) = net_rx.recv() => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(in_flight = in_flight.len(), "Shutdown deadline passed with uplink in hand; the broker delivers it again.");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = client.try_disconnect() {
+            debug!(error = %e, "DISCONNECT not queued.");
+        }
+        loop {
+            tokio::select! {
+                _ = &mut event_loop => break,
+                Some(_) = net_rx.recv() => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    stop_loop.cancel();
+                    let _ = (&mut event_loop).await;
+                    break;
+                }
+            }
+        }
+        for rest in in_flight {
+            rest.handler.abort();
+        }
+        info!("Broker consumer stopped.");
+    }
+
+    /// Handles one uplink message: commit and answer. Never fails: what went wrong is
+    /// counted and logged, and the message is acknowledged to the broker all the same
+    /// (see the module docs for why that loses nothing).
+    async fn handle(self: Arc<Self>, client: AsyncClient, topic: Bytes, payload: Bytes) {
+        let Some((device, kind)) = std::str::from_utf8(&topic).ok().and_then(|t| self.topics.parse(t)) else {
+            EndpointMetrics::inc(&self.metrics.topic_violations);
+            warn!(topic = %String::from_utf8_lossy(&topic), "Message on a topic that is not a device's; ignored.");
+            return;
+        };
+        if self.revoked.is_revoked(&device) {
+            EndpointMetrics::inc(&self.metrics.frames_rejected);
+            warn!(device = %device, "Message from a revoked device; ignored.");
+            return;
+        }
+        let max = usize::try_from(self.settings.max_packet_size).unwrap_or(usize::MAX);
+        let answer = match kind {
+            TopicKind::Up => ingress::handle_batch(&self.store, &self.metrics, &device, &payload, max)
+                .await
+                .map(|frame| (TopicKind::Ack, frame)),
+            TopicKind::Hello => {
+                ingress::handle_hello(&self.store, &self.metrics, &device, &payload).map(|frame| (TopicKind::Down, frame))
+            }
+            TopicKind::Ack | TopicKind::Down => {
+                EndpointMetrics::inc(&self.metrics.topic_violations);
+                warn!(device = %device, kind = ?kind, "Message on a gateway-to-device topic; ignored.");
+                return;
+            }
+        };
+        let (kind, frame) = match answer {
+            Ok(a) => a,
+            Err(IngressError::Rejected(_)) => return,
+            Err(IngressError::Store(e)) => {
+                warn!(device = %device, error = %e, "Batch not committed; the agent will send it again.");
+                return;
+            }
+            Err(e @ IngressError::Encode(_)) => {
+                error!(device = %device, error = %e, "Answer not sent.");
+                return;
+            }
+        };
+        let reply_topic = match self.topics.topic(&device, kind) {
+            Ok(t) => t,
+            Err(e) => return warn!(device = %device, error = %e, "No reply topic."),
+        };
+        // QoS 1 so the broker keeps it while the device reconnects within its session;
+        // a lost Ack only makes the agent resend a batch the store already holds.
+        if let Err(e) = client.publish(reply_topic, QoS::AtLeastOnce, false, frame).await {
+            debug!(device = %device, error = %e, "Answer not queued; the client is closing.");
+        }
+    }
+}
+
+/// Resolves when the oldest message's handler has finished; never when there is none.
+async fn front_done(in_flight: &mut VecDeque<InFlight>) {
+    match in_flight.front_mut() {
+        Some(front) => {
+            if let Err(e) = (&mut front.handler).await {
+                error!(error = %e, "Uplink handler failed.");
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends the PUBACK of a handled message if its connection is still the current one.
+async fn settle(client: &AsyncClient, done: &InFlight, connection: &AtomicU64) {
+    if done.connection != connection.load(Ordering::Acquire) {
+        debug!(pkid = done.publish.pkid, "Connection changed; the broker delivers this message again.");
+        return;
+    }
+    if let Err(e) = client.ack(&done.publish).await {
+        debug!(error = %e, "PUBACK not queued; the client is closing.");
+    }
+}
+
+/// Polls rumqttc's event loop (which reconnects on the next poll after an error) and
+/// reports to the driver. Ends after our DISCONNECT is sent, when the driver is gone,
+/// or on `stop`.
+async fn drive_event_loop(
+    mut eventloop: EventLoop,
+    net: mpsc::Sender<Net>,
+    connection: Arc<AtomicU64>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+) {
+    loop {
+        let polled = tokio::select! {
+            () = stop.cancelled() => return,
+            r = eventloop.poll() => r,
+        };
+        let report = match polled {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                Net::Connected { session_present: ack.session_present }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                Net::Message { publish, connection: connection.load(Ordering::Acquire) }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Net::SubAck { reasons: ack.return_codes },
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => continue,
+            Err(e) => {
+                connection.fetch_add(1, Ordering::AcqRel);
+                if net.send(Net::Lost(e.to_string())).await.is_err() {
+                    return;
+                }
+                let wait = backoff.next();
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+        };
+        if net.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reconnect delays: exponential from `min` to `max`, each drawn uniformly between
+/// `min` and the current cap (full jitter) so that gateways do not reconnect in step.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    cap: Duration,
+    random: RandomState,
+    draws: u64,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max: max.max(min), cap: min, random: RandomState::new(), draws: 0 }
+    }
+
+    fn next(&mut self) -> Duration {
+        let cap = self.cap;
+        self.cap = (self.cap * 2).min(self.max);
+        self.draws = self.draws.wrapping_add(1);
+        let span = u64::try_from(cap.saturating_sub(self.min).as_millis()).unwrap_or(u64::MAX).max(1);
+        self.min + Duration::from_millis(self.random.hash_one(self.draws) % span)
+    }
+
+    fn reset(&mut self) {
+        self.cap = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = Backoff::new(min, max);
+        assert_eq!(b.next(), min, "the first wait is the minimum");
+        let waits: Vec<Duration> = (0..20).map(|_| b.next()).collect();
+        assert!(waits.iter().all(|d| *d >= min && *d <= max), "{waits:?}");
+        assert!(waits.iter().any(|d| *d != waits[0]), "no jitter: {waits:?}");
+        b.reset();
+        assert_eq!(b.next(), min);
+    }
+
+    #[test]
+    fn shared_filters_put_the_group_before_the_device_wildcard() {
+        let settings = settings("edge-gateways");
+        let topics = Topics::new("edge/{device}").unwrap();
+        assert_eq!(settings.filter(&topics, TopicKind::Up), "$share/edge-gateways/edge/+/up");
+        assert_eq!(settings.filter(&topics, TopicKind::Hello), "$share/edge-gateways/edge/+/hello");
+        let nested = Topics::new("tenant-a/{device}/v1").unwrap();
+        assert_eq!(settings.filter(&nested, TopicKind::Up), "$share/edge-gateways/tenant-a/+/v1/up");
+    }
+
+    #[test]
+    fn tls_paths_default_to_the_pki_dir_and_the_client_id() {
+        let mut mqtt = MqttConfig { client_id: "gw-2".into(), ..MqttConfig::default() };
+        let (ca, cert, key) = tls_paths(&mqtt, Path::new("/data"), Path::new("/data/pki"));
+        assert_eq!(ca, Path::new("/data/pki/ca.pem"));
+        assert_eq!(cert, Path::new("/data/pki/devices/gw-2.pem"));
+        assert_eq!(key, Path::new("/data/pki/devices/gw-2.key"));
+        mqtt.broker_cert = Some("certs/gw.pem".into());
+        assert_eq!(tls_paths(&mqtt, Path::new("/data"), Path::new("/data/pki")).1, Path::new("/data/certs/gw.pem"));
+    }
+
+    fn settings(group: &str) -> BrokerSettings {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::init(dir.path(), &[]).unwrap();
+        let files = crate::pki::issue_device(dir.path(), "edge-gateway", Duration::from_secs(3600)).unwrap();
+        BrokerSettings {
+            host: "127.0.0.1".into(),
+            port: 8883,
+            client_id: "edge-gateway".into(),
+            shared_group: group.into(),
+            tls: tls::client_config(&dir.path().join("ca.pem"), &files.cert, &files.key).unwrap(),
+            keep_alive: Duration::from_secs(30),
+            session_expiry: Duration::from_secs(3600),
+            max_in_flight: 8,
+            max_packet_size: 1 << 20,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+}
