@@ -686,7 +686,10 @@ impl AgentConfig {
         }
         if let Some(up) = &self.uplink {
             if !(up.url.starts_with("mqtts://")) {
-                return Err(bad("uplink.url", format!("`{}`: use mqtts://host:port", up.url)));
+                return Err(bad(
+                    "uplink.url",
+                    format!("`{}`: use mqtts://host:port", up.url),
+                ));
             }
             if up.keep_alive < Duration::from_secs(5) {
                 return Err(bad("uplink.keep_alive", "must be at least 5s".into()));
@@ -701,15 +704,25 @@ impl AgentConfig {
                 return Err(bad("uplink.compression", "use \"lz4\" or \"none\"".into()));
             }
             if up.backoff_min.is_zero() || up.backoff_min > up.backoff_max {
-                return Err(bad("uplink.backoff_min", "must be above 0 and at most backoff_max".into()));
+                return Err(bad(
+                    "uplink.backoff_min",
+                    "must be above 0 and at most backoff_max".into(),
+                ));
             }
             if self.agent.device_id.is_empty() {
-                return Err(bad("agent.device_id", "the uplink needs the device id its certificate names".into()));
+                return Err(bad(
+                    "agent.device_id",
+                    "the uplink needs the device id its certificate names".into(),
+                ));
             }
-            crate::wire::Topics::new(&up.topic_prefix).map_err(|e| bad("uplink.topic_prefix", e.to_string()))?;
+            crate::wire::Topics::new(&up.topic_prefix)
+                .map_err(|e| bad("uplink.topic_prefix", e.to_string()))?;
             for l in &up.lanes {
                 if !lanes.contains(l.name.as_str()) {
-                    return Err(bad("uplink.lanes.name", format!("`{}` is not a spool lane", l.name)));
+                    return Err(bad(
+                        "uplink.lanes.name",
+                        format!("`{}` is not a spool lane", l.name),
+                    ));
                 }
             }
         }

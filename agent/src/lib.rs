@@ -137,7 +137,11 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         let uplink = self.config.uplink.clone().map(|cfg| {
-            uplink::Uplink::new(cfg, model::DeviceId(self.device_id.clone()), Arc::clone(&self.spool))
+            uplink::Uplink::new(
+                cfg,
+                model::DeviceId(self.device_id.clone()),
+                Arc::clone(&self.spool),
+            )
         });
         let api = Arc::new(http::Api::new(
             Arc::clone(&self.intake),

@@ -43,13 +43,20 @@ impl Admin {
     fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if req.method() != Method::GET {
-            return json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method_not_allowed", "message": "only GET"}));
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": "method_not_allowed", "message": "only GET"}),
+            );
         }
         if path == "/health" {
             return json(StatusCode::OK, &serde_json::json!({"ok": true}));
         }
         if path == "/metrics" {
-            return reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics_text());
+            return reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics_text(),
+            );
         }
         if let Some(id) = path.strip_prefix("/v1/devices/") {
             return match self.store.device(id) {
@@ -67,28 +74,77 @@ impl Admin {
                         "agent_drops": rec.drops.by_reason().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                     }),
                 ),
-                Ok(None) => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not_found", "message": format!("no device `{id}`")})),
-                Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "storage_error", "message": e.to_string()})),
+                Ok(None) => json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "not_found", "message": format!("no device `{id}`")}),
+                ),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": "storage_error", "message": e.to_string()}),
+                ),
             };
         }
-        json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not_found", "message": format!("no endpoint at {path}")}))
+        json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not_found", "message": format!("no endpoint at {path}")}),
+        )
     }
 
     fn metrics_text(&self) -> String {
         let m = &self.metrics;
         let mut out = String::new();
         for (name, help, v) in [
-            ("edge_gateway_connections_accepted_total", "Device TCP connections accepted.", &m.connections_accepted),
-            ("edge_gateway_connections_refused_total", "Connections closed at the connection cap.", &m.connections_refused_cap),
-            ("edge_gateway_handshakes_failed_total", "TLS handshakes that failed or timed out.", &m.handshakes_failed),
-            ("edge_gateway_connects_refused_total", "CONNECTs refused (client id, revoked).", &m.connects_refused),
-            ("edge_gateway_frames_rejected_total", "Uplink frames rejected (malformed or wrong device).", &m.frames_rejected),
-            ("edge_gateway_topic_violations_total", "Publishes or subscriptions outside a device's topics.", &m.topic_violations),
-            ("edge_gateway_batches_received_total", "Uplink batches committed.", &m.batches_received),
-            ("edge_gateway_events_stored_total", "New events committed to the inbox.", &m.events_stored),
-            ("edge_gateway_events_duplicate_total", "Events received again and ignored.", &m.events_duplicate),
+            (
+                "edge_gateway_connections_accepted_total",
+                "Device TCP connections accepted.",
+                &m.connections_accepted,
+            ),
+            (
+                "edge_gateway_connections_refused_total",
+                "Connections closed at the connection cap.",
+                &m.connections_refused_cap,
+            ),
+            (
+                "edge_gateway_handshakes_failed_total",
+                "TLS handshakes that failed or timed out.",
+                &m.handshakes_failed,
+            ),
+            (
+                "edge_gateway_connects_refused_total",
+                "CONNECTs refused (client id, revoked).",
+                &m.connects_refused,
+            ),
+            (
+                "edge_gateway_frames_rejected_total",
+                "Uplink frames rejected (malformed or wrong device).",
+                &m.frames_rejected,
+            ),
+            (
+                "edge_gateway_topic_violations_total",
+                "Publishes or subscriptions outside a device's topics.",
+                &m.topic_violations,
+            ),
+            (
+                "edge_gateway_batches_received_total",
+                "Uplink batches committed.",
+                &m.batches_received,
+            ),
+            (
+                "edge_gateway_events_stored_total",
+                "New events committed to the inbox.",
+                &m.events_stored,
+            ),
+            (
+                "edge_gateway_events_duplicate_total",
+                "Events received again and ignored.",
+                &m.events_duplicate,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(out, "# HELP edge_gateway_devices_connected Devices connected now.\n# TYPE edge_gateway_devices_connected gauge\nedge_gateway_devices_connected {}", self.sessions.connected());
         if let Ok(n) = self.store.inbox_len() {
@@ -97,7 +153,10 @@ impl Admin {
         let _ = writeln!(out, "# HELP edge_gateway_agent_dropped_total Events agents report they dropped, by device and reason.\n# TYPE edge_gateway_agent_dropped_total counter");
         for (id, rec) in self.store.devices(1000).unwrap_or_default() {
             for (reason, n) in rec.drops.by_reason() {
-                let _ = writeln!(out, "edge_gateway_agent_dropped_total{{device=\"{id}\",reason=\"{reason}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "edge_gateway_agent_dropped_total{{device=\"{id}\",reason=\"{reason}\"}} {n}"
+                );
             }
         }
         out

@@ -64,7 +64,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cli.log_format == "json" {
         builder.json().init();
     } else {
@@ -73,7 +75,9 @@ fn main() -> ExitCode {
     let config = match (&cli.config, &cli.command) {
         (Some(path), _) => GatewayConfig::load(path),
         // The quickstart runs the shipped site config by default.
-        (None, Command::Quickstart { .. }) => GatewayConfig::load(std::path::Path::new("conf/gateway.toml")),
+        (None, Command::Quickstart { .. }) => {
+            GatewayConfig::load(std::path::Path::new("conf/gateway.toml"))
+        }
         (None, _) => Ok(GatewayConfig::default()),
     };
     let config = match config {
@@ -83,12 +87,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let data_dir = cli.data_dir.clone().unwrap_or_else(|| config.gateway.data_dir.clone());
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config.gateway.data_dir.clone());
     let pki_dir = resolve(&data_dir, &config.tls.pki_dir);
     match cli.command {
-        Command::Certs { command: CertsCommand::Init { names } } => match edge_gateway::pki::init(&pki_dir, &names) {
+        Command::Certs {
+            command: CertsCommand::Init { names },
+        } => match edge_gateway::pki::init(&pki_dir, &names) {
             Ok(outcome) => {
-                println!("CA {:?}, server certificate {:?} in {}", outcome.ca, outcome.server, pki_dir.display());
+                println!(
+                    "CA {:?}, server certificate {:?} in {}",
+                    outcome.ca,
+                    outcome.server,
+                    pki_dir.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -96,7 +110,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Certs { command: CertsCommand::Device { id, valid } } => {
+        Command::Certs {
+            command: CertsCommand::Device { id, valid },
+        } => {
             let validity = match humantime::parse_duration(&valid) {
                 Ok(d) => d,
                 Err(e) => {
@@ -123,7 +139,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("edge-gateway: cannot start the runtime: {e}");
@@ -141,7 +160,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Run => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("edge-gateway: cannot start the runtime: {e}");

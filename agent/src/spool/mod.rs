@@ -233,15 +233,25 @@ impl Spool {
     /// Removes delivered events; returns how many were still there.
     pub async fn remove(&self, lane: &str, seqs: Vec<Seq>) -> Result<usize, SpoolError> {
         let lane = lane.to_owned();
-        self.call(|reply| Command::Remove { lane, seqs, invalid: false, reply })
-            .await
+        self.call(|reply| Command::Remove {
+            lane,
+            seqs,
+            invalid: false,
+            reply,
+        })
+        .await
     }
 
     /// Removes events the gateway refused for good, counting them as `invalid` drops.
     pub async fn remove_rejected(&self, lane: &str, seqs: Vec<Seq>) -> Result<usize, SpoolError> {
         let lane = lane.to_owned();
-        self.call(|reply| Command::Remove { lane, seqs, invalid: true, reply })
-            .await
+        self.call(|reply| Command::Remove {
+            lane,
+            seqs,
+            invalid: true,
+            reply,
+        })
+        .await
     }
 
     /// Lowest queued seq of `lane` (everything below was delivered or dropped).

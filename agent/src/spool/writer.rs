@@ -120,21 +120,24 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                     }
                 },
                 // The failing command's own waiter gets the error too, not `Closed`.
-                Command::Remove { lane, seqs, invalid, reply } => {
-                    match remove(shared, &txn, &mut tentative, &lane, &seqs) {
-                        Ok(n) => {
-                            if invalid {
-                                tentative.drops.invalid += n as u64;
-                            }
-                            replies.push(Reply::Remove(reply, n));
+                Command::Remove {
+                    lane,
+                    seqs,
+                    invalid,
+                    reply,
+                } => match remove(shared, &txn, &mut tentative, &lane, &seqs) {
+                    Ok(n) => {
+                        if invalid {
+                            tentative.drops.invalid += n as u64;
                         }
-                        Err(e) if e.is_request_level() => drop(reply.send(Err(e))),
-                        Err(e) => {
-                            drop(reply.send(Err(e.clone())));
-                            return Err(e);
-                        }
+                        replies.push(Reply::Remove(reply, n));
                     }
-                }
+                    Err(e) if e.is_request_level() => drop(reply.send(Err(e))),
+                    Err(e) => {
+                        drop(reply.send(Err(e.clone())));
+                        return Err(e);
+                    }
+                },
                 Command::Sweep { now_ms, reply } => {
                     match sweep(shared, &txn, &mut tentative, now_ms) {
                         Ok(n) => replies.push(Reply::Sweep(reply, n)),

@@ -37,8 +37,23 @@ pub struct LaneState {
 }
 
 impl LaneState {
-    pub fn new(name: String, mode: UplinkMode, linger: Duration, interval: Duration, window: usize) -> Self {
-        LaneState { name, mode, linger, interval, window, next_after: Seq(0), in_flight: VecDeque::new(), last_send: None }
+    pub fn new(
+        name: String,
+        mode: UplinkMode,
+        linger: Duration,
+        interval: Duration,
+        window: usize,
+    ) -> Self {
+        LaneState {
+            name,
+            mode,
+            linger,
+            interval,
+            window,
+            next_after: Seq(0),
+            in_flight: VecDeque::new(),
+            last_send: None,
+        }
     }
 
     /// Forgets what is in flight so everything unacked is read again from the spool
@@ -70,7 +85,9 @@ impl LaneState {
         }
         match self.mode {
             UplinkMode::Stream => now.duration_since(oldest) >= self.linger,
-            UplinkMode::Batch => self.last_send.is_none_or(|t| now.duration_since(t) >= self.interval),
+            UplinkMode::Batch => self
+                .last_send
+                .is_none_or(|t| now.duration_since(t) >= self.interval),
         }
     }
 
@@ -112,7 +129,9 @@ impl LaneState {
 
     /// Whether the oldest batch in flight waited longer than `timeout` for its ack.
     pub fn timed_out(&self, now: Instant, timeout: Duration) -> bool {
-        self.in_flight.front().is_some_and(|f| now.duration_since(f.sent) >= timeout)
+        self.in_flight
+            .front()
+            .is_some_and(|f| now.duration_since(f.sent) >= timeout)
     }
 }
 
@@ -123,14 +142,26 @@ mod tests {
     use crate::wire::{RejectReason, Rejected, SeqRange};
 
     fn lane(mode: UplinkMode) -> LaneState {
-        LaneState::new("l".into(), mode, Duration::from_millis(5), Duration::from_secs(30), 2)
+        LaneState::new(
+            "l".into(),
+            mode,
+            Duration::from_millis(5),
+            Duration::from_secs(30),
+            2,
+        )
     }
 
     fn ack(acked: &[u64], rejected: &[u64]) -> Ack {
         Ack {
             device: DeviceId("d".into()),
             acked: SeqRange::compact(acked.iter().map(|s| Seq(*s))),
-            rejected: rejected.iter().map(|s| Rejected { seq: Seq(*s), reason: RejectReason::Invalid }).collect(),
+            rejected: rejected
+                .iter()
+                .map(|s| Rejected {
+                    seq: Seq(*s),
+                    reason: RejectReason::Invalid,
+                })
+                .collect(),
             gateway_time_ms: 0,
         }
     }
@@ -160,7 +191,13 @@ mod tests {
         let mut l = lane(UplinkMode::Stream);
         l.on_sent(vec![Seq(1), Seq(3), Seq(5)], Instant::now());
         let s = l.on_ack(&ack(&[1], &[3]));
-        assert_eq!(s, Settled { acked: vec![Seq(1)], rejected: vec![Seq(3)] });
+        assert_eq!(
+            s,
+            Settled {
+                acked: vec![Seq(1)],
+                rejected: vec![Seq(3)]
+            }
+        );
         assert_eq!(l.in_flight(), 1);
         l.on_ack(&ack(&[5], &[]));
         assert_eq!(l.in_flight(), 0);

@@ -65,7 +65,10 @@ pub type SharedStatus = Arc<Mutex<UplinkStatus>>;
 enum Net {
     Connected,
     Disconnected(String),
-    Message { topic: String, payload: bytes::Bytes },
+    Message {
+        topic: String,
+        payload: bytes::Bytes,
+    },
 }
 
 /// The uplink task.
@@ -78,10 +81,22 @@ pub struct Uplink {
 }
 
 fn parse_url(url: &str) -> Result<(String, u16), UplinkError> {
-    let rest = url.strip_prefix("mqtts://").ok_or_else(|| UplinkError::Url(url.to_owned()))?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| UplinkError::Url(url.to_owned()))?;
-    let port = port.trim_end_matches('/').parse().map_err(|_| UplinkError::Url(url.to_owned()))?;
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+    let rest = url
+        .strip_prefix("mqtts://")
+        .ok_or_else(|| UplinkError::Url(url.to_owned()))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| UplinkError::Url(url.to_owned()))?;
+    let port = port
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| UplinkError::Url(url.to_owned()))?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    ))
 }
 
 /// Exponential backoff with full jitter between `min` and the current cap.
@@ -108,7 +123,12 @@ impl Backoff {
 
 impl Uplink {
     pub fn new(config: UplinkConfig, device: DeviceId, spool: Arc<Spool>) -> Self {
-        Uplink { config, device, spool, status: SharedStatus::default() }
+        Uplink {
+            config,
+            device,
+            spool,
+            status: SharedStatus::default(),
+        }
     }
 
     pub fn status(&self) -> SharedStatus {
@@ -139,7 +159,11 @@ impl Uplink {
 
         let (net_tx, mut net_rx) = mpsc::channel(NET_QUEUE);
         let loop_token = shutdown.child_token();
-        let mut backoff = Backoff { min: self.config.backoff_min, max: self.config.backoff_max, cap: self.config.backoff_min };
+        let mut backoff = Backoff {
+            min: self.config.backoff_min,
+            max: self.config.backoff_max,
+            cap: self.config.backoff_min,
+        };
         let poller = tokio::spawn({
             let token = loop_token.clone();
             async move {
@@ -153,7 +177,10 @@ impl Uplink {
                             backoff.reset();
                             Net::Connected
                         }
-                        Ok(Event::Incoming(Packet::Publish(p))) => Net::Message { topic: p.topic, payload: p.payload },
+                        Ok(Event::Incoming(Packet::Publish(p))) => Net::Message {
+                            topic: p.topic,
+                            payload: p.payload,
+                        },
                         Ok(_) => continue,
                         Err(e) => {
                             let _ = net_tx.send(Net::Disconnected(e.to_string())).await;
@@ -188,7 +215,11 @@ impl Uplink {
         let mut committed = self.spool.committed();
         let mut connected = false;
         let mut bandwidth = ByteBucket::new(self.config.bandwidth_limit.0);
-        let compression = if self.config.compression == "lz4" { Compression::Lz4 } else { Compression::None };
+        let compression = if self.config.compression == "lz4" {
+            Compression::Lz4
+        } else {
+            Compression::None
+        };
         let mut wake = IDLE_TICK;
         loop {
             tokio::select! {
@@ -220,7 +251,9 @@ impl Uplink {
                 () = tokio::time::sleep(wake) => {}
             }
             if connected {
-                wake = self.pump(&client, &topics, &mut lanes, &mut bandwidth, compression).await;
+                wake = self
+                    .pump(&client, &topics, &mut lanes, &mut bandwidth, compression)
+                    .await;
             } else {
                 wake = IDLE_TICK;
             }
@@ -246,7 +279,10 @@ impl Uplink {
         };
         match wire::encode_hello(&hello, Compression::None) {
             Ok(frame) => {
-                if let Err(e) = client.publish(topics.hello(), QoS::AtLeastOnce, false, frame).await {
+                if let Err(e) = client
+                    .publish(topics.hello(), QoS::AtLeastOnce, false, frame)
+                    .await
+                {
                     warn!(error = %e, "Hello not sent.");
                 }
             }
@@ -254,7 +290,13 @@ impl Uplink {
         }
     }
 
-    async fn on_message(&self, topics: &DeviceTopics, topic: &str, payload: &[u8], lanes: &mut [LaneState]) {
+    async fn on_message(
+        &self,
+        topics: &DeviceTopics,
+        topic: &str,
+        payload: &[u8],
+        lanes: &mut [LaneState],
+    ) {
         if topic == topics.ack() {
             let ack = match wire::decode_ack(payload, wire::DEFAULT_MAX_FRAME) {
                 Ok(a) => a,
@@ -273,7 +315,11 @@ impl Uplink {
                 if !settled.rejected.is_empty() {
                     rejected += settled.rejected.len() as u64;
                     warn!(lane = %lane.name, count = settled.rejected.len(), "Gateway rejected events; dropping them (counted as invalid).");
-                    if let Err(e) = self.spool.remove_rejected(&lane.name, settled.rejected).await {
+                    if let Err(e) = self
+                        .spool
+                        .remove_rejected(&lane.name, settled.rejected)
+                        .await
+                    {
                         warn!(error = %e, "Rejected events not removed.");
                     }
                 }
@@ -288,7 +334,9 @@ impl Uplink {
             });
         } else if topic == topics.down() {
             match wire::decode_downlink(payload, wire::DEFAULT_MAX_FRAME) {
-                Ok(Downlink::HelloReply { gateway_time_ms, .. }) => {
+                Ok(Downlink::HelloReply {
+                    gateway_time_ms, ..
+                }) => {
                     let skew = gateway_time_ms.saturating_sub(now_ms());
                     self.set_status(|s| s.clock_skew_ms = Some(skew));
                 }
@@ -315,7 +363,11 @@ impl Uplink {
                 lane.reset();
             }
             while lane.has_room() {
-                let events = match self.spool.read(&lane.name, lane.next_after(), self.config.max_batch_events) {
+                let events = match self.spool.read(
+                    &lane.name,
+                    lane.next_after(),
+                    self.config.max_batch_events,
+                ) {
                     Ok(e) => e,
                     Err(e) => {
                         warn!(lane = %lane.name, error = %e, "Spool read failed.");
@@ -331,10 +383,12 @@ impl Uplink {
                         break;
                     }
                 }
-                let full = take == self.config.max_batch_events || bytes >= self.config.max_batch_bytes.0;
+                let full =
+                    take == self.config.max_batch_events || bytes >= self.config.max_batch_bytes.0;
                 let oldest = events.first().map_or(now, |e| {
                     let age = now_ms().saturating_sub(e.received_ms).max(0);
-                    now.checked_sub(Duration::from_millis(age as u64)).unwrap_or(now)
+                    now.checked_sub(Duration::from_millis(age as u64))
+                        .unwrap_or(now)
                 });
                 if !lane.should_send(take, full, oldest, now) {
                     if take > 0 {
@@ -367,7 +421,10 @@ impl Uplink {
                 if let Some(wait) = bandwidth.take(frame.len() as u64) {
                     tokio::time::sleep(wait).await;
                 }
-                if let Err(e) = client.publish(topics.up(), QoS::AtLeastOnce, false, frame).await {
+                if let Err(e) = client
+                    .publish(topics.up(), QoS::AtLeastOnce, false, frame)
+                    .await
+                {
                     warn!(error = %e, "Publish failed.");
                     break;
                 }
@@ -399,7 +456,11 @@ struct ByteBucket {
 
 impl ByteBucket {
     fn new(rate: u64) -> Self {
-        ByteBucket { rate, tokens: rate as f64, at: Instant::now() }
+        ByteBucket {
+            rate,
+            tokens: rate as f64,
+            at: Instant::now(),
+        }
     }
 
     fn take(&mut self, n: u64) -> Option<Duration> {
@@ -421,17 +482,27 @@ mod tests {
 
     #[test]
     fn urls_need_the_mqtts_scheme_and_a_port() {
-        assert_eq!(parse_url("mqtts://127.0.0.1:8883").unwrap(), ("127.0.0.1".to_owned(), 8883));
+        assert_eq!(
+            parse_url("mqtts://127.0.0.1:8883").unwrap(),
+            ("127.0.0.1".to_owned(), 8883)
+        );
         assert!(parse_url("mqtt://h:1").is_err());
         assert!(parse_url("mqtts://h").is_err());
     }
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {
-        let mut b = Backoff { min: Duration::from_millis(100), max: Duration::from_secs(1), cap: Duration::from_millis(100) };
+        let mut b = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            cap: Duration::from_millis(100),
+        };
         for _ in 0..20 {
             let d = b.next();
-            assert!(d >= Duration::from_millis(100) && d <= Duration::from_secs(1), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(100) && d <= Duration::from_secs(1),
+                "{d:?}"
+            );
         }
         b.reset();
         assert!(b.next() <= Duration::from_millis(101));

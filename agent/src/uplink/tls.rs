@@ -20,14 +20,23 @@ pub enum TlsConfigError {
 }
 
 fn pem_err(path: &Path, e: impl std::fmt::Display) -> TlsConfigError {
-    TlsConfigError::Pem { path: path.to_owned(), message: e.to_string() }
+    TlsConfigError::Pem {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
 }
 
 /// Builds the client config for mutual TLS with the gateway.
-pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, TlsConfigError> {
+pub fn client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, e))? {
-        roots.add(c.map_err(|e| pem_err(ca, e))?).map_err(|e| pem_err(ca, e))?;
+        roots
+            .add(c.map_err(|e| pem_err(ca, e))?)
+            .map_err(|e| pem_err(ca, e))?;
     }
     if roots.is_empty() {
         return Err(pem_err(ca, "no CA certificate in the file"));

@@ -29,7 +29,10 @@ const RETRY_DELAY: Duration = Duration::from_millis(500);
 #[derive(Debug, thiserror::Error)]
 pub enum FileDestError {
     #[error("file destination I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("corrupt cursor: {0}")]
@@ -57,7 +60,8 @@ pub struct FileDestination {
 
 impl FileDestination {
     fn open_path(&self, first: u64) -> PathBuf {
-        self.dir.join(format!("{}-{first:020}.ndjson.open", self.name))
+        self.dir
+            .join(format!("{}-{first:020}.ndjson.open", self.name))
     }
 
     fn final_path(&self, first: u64) -> PathBuf {
@@ -65,26 +69,38 @@ impl FileDestination {
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileDestError + '_ {
-        move |source| FileDestError::Io { path: path.to_owned(), source }
+        move |source| FileDestError::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 
     async fn save(&self, cursor: &Cursor) -> Result<(), FileDestError> {
-        let bytes = postcard::to_stdvec(cursor).map_err(|e| FileDestError::Cursor(e.to_string()))?;
-        self.store.save_cursor(&self.name, bytes, cursor.through).await?;
+        let bytes =
+            postcard::to_stdvec(cursor).map_err(|e| FileDestError::Cursor(e.to_string()))?;
+        self.store
+            .save_cursor(&self.name, bytes, cursor.through)
+            .await?;
         Ok(())
     }
 
     /// Brings the directory in line with the committed cursor after a restart.
     fn recover(&self, cursor: &mut Cursor) -> Result<Option<File>, FileDestError> {
         std::fs::create_dir_all(&self.dir).map_err(Self::io(&self.dir))?;
-        let Some((first, offset, _)) = cursor.open else { return Ok(None) };
+        let Some((first, offset, _)) = cursor.open else {
+            return Ok(None);
+        };
         let open = self.open_path(first);
         if !open.exists() && self.final_path(first).exists() {
             // Renamed, but the crash came before the cursor said so.
             cursor.open = None;
             return Ok(None);
         }
-        let file = OpenOptions::new().create(true).append(true).open(&open).map_err(Self::io(&open))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&open)
+            .map_err(Self::io(&open))?;
         let len = file.metadata().map_err(Self::io(&open))?.len();
         if len != offset {
             info!(file = %open.display(), from = len, to = offset, "Dropping lines written after the last commit.");
@@ -95,11 +111,15 @@ impl FileDestination {
     }
 
     async fn close_file(&self, cursor: &mut Cursor, file: File) -> Result<(), FileDestError> {
-        let Some((first, _, _)) = cursor.open else { return Ok(()) };
+        let Some((first, _, _)) = cursor.open else {
+            return Ok(());
+        };
         drop(file);
         let (open, done) = (self.open_path(first), self.final_path(first));
         std::fs::rename(&open, &done).map_err(Self::io(&open))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(Self::io(&self.dir))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io(&self.dir))?;
         cursor.open = None;
         self.save(cursor).await
     }
@@ -107,7 +127,9 @@ impl FileDestination {
     /// Delivers until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), FileDestError> {
         let mut cursor: Cursor = match self.store.load_cursor(&self.name)? {
-            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| FileDestError::Cursor(e.to_string()))?,
+            Some(bytes) => {
+                postcard::from_bytes(&bytes).map_err(|e| FileDestError::Cursor(e.to_string()))?
+            }
             None => Cursor::default(),
         };
         let mut file = self.recover(&mut cursor)?;
@@ -147,7 +169,11 @@ impl FileDestination {
     }
 
     /// Writes one batch; `Ok(true)` when there may be more right away.
-    async fn step(&self, cursor: &mut Cursor, file: &mut Option<File>) -> Result<bool, FileDestError> {
+    async fn step(
+        &self,
+        cursor: &mut Cursor,
+        file: &mut Option<File>,
+    ) -> Result<bool, FileDestError> {
         let now = edge_agent::model::now_ms();
         if let (Some((_, _, opened)), Some(_)) = (cursor.open, file.as_ref()) {
             let age = u128::try_from(now.saturating_sub(opened)).unwrap_or(0);
@@ -158,11 +184,14 @@ impl FileDestination {
             }
         }
         let records = self.store.read_inbox(cursor.through, READ_BATCH)?;
-        let Some((last, _)) = records.last() else { return Ok(false) };
+        let Some((last, _)) = records.last() else {
+            return Ok(false);
+        };
         let last = *last;
         let mut buf = Vec::with_capacity(records.len() * 512);
         for (_, rec) in &records {
-            serde_json::to_writer(&mut buf, &to_segment(rec)).map_err(|e| FileDestError::Cursor(e.to_string()))?;
+            serde_json::to_writer(&mut buf, &to_segment(rec))
+                .map_err(|e| FileDestError::Cursor(e.to_string()))?;
             buf.push(b'\n');
         }
         if file.is_none() {

@@ -10,11 +10,18 @@ use crate::store::InboxRecord;
 pub fn to_segment(record: &InboxRecord) -> Value {
     let e = &record.event;
     let kind = match &e.kind {
-        EventKind::Track | EventKind::Commerce | EventKind::SessionStart | EventKind::SessionEnd | EventKind::Other(_) => "track",
+        EventKind::Track
+        | EventKind::Commerce
+        | EventKind::SessionStart
+        | EventKind::SessionEnd
+        | EventKind::Other(_) => "track",
         other => other.as_str(),
     };
     let mut out = Map::new();
-    out.insert("messageId".into(), json!(e.message_id.clone().unwrap_or_else(|| e.id.to_string())));
+    out.insert(
+        "messageId".into(),
+        json!(e.message_id.clone().unwrap_or_else(|| e.id.to_string())),
+    );
     out.insert("type".into(), json!(kind));
     if kind == "track" {
         let name = e.name.clone().unwrap_or_else(|| e.kind.as_str().to_owned());
@@ -35,9 +42,15 @@ pub fn to_segment(record: &InboxRecord) -> Value {
     if let Some(p) = &ids.previous_id {
         out.insert("previousId".into(), json!(p));
     }
-    out.insert("properties".into(), serde_json::to_value(&e.properties).unwrap_or(Value::Null));
+    out.insert(
+        "properties".into(),
+        serde_json::to_value(&e.properties).unwrap_or(Value::Null),
+    );
     if !e.traits.is_empty() {
-        out.insert("traits".into(), serde_json::to_value(&e.traits).unwrap_or(Value::Null));
+        out.insert(
+            "traits".into(),
+            serde_json::to_value(&e.traits).unwrap_or(Value::Null),
+        );
     }
     let mut context = match serde_json::to_value(&e.context) {
         Ok(Value::Object(m)) => m,
@@ -51,7 +64,11 @@ pub fn to_segment(record: &InboxRecord) -> Value {
         context.insert("sessionId".into(), json!(s));
     }
     if !ids.other.is_empty() {
-        let other: Map<String, Value> = ids.other.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let other: Map<String, Value> = ids
+            .other
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
         context.insert("externalIds".into(), Value::Object(other));
     }
     context.insert(
@@ -59,9 +76,18 @@ pub fn to_segment(record: &InboxRecord) -> Value {
         json!({ "granted": e.consent.granted, "ccpaOptOut": e.consent.ccpa_opt_out }),
     );
     out.insert("context".into(), Value::Object(context));
-    out.insert("timestamp".into(), json!(format_timestamp(record.corrected_timestamp_ms)));
-    out.insert("originalTimestamp".into(), json!(format_timestamp(e.timestamp_ms)));
-    out.insert("receivedAt".into(), json!(format_timestamp(record.received_ms)));
+    out.insert(
+        "timestamp".into(),
+        json!(format_timestamp(record.corrected_timestamp_ms)),
+    );
+    out.insert(
+        "originalTimestamp".into(),
+        json!(format_timestamp(e.timestamp_ms)),
+    );
+    out.insert(
+        "receivedAt".into(),
+        json!(format_timestamp(record.received_ms)),
+    );
     out.insert("_edge".into(), json!({ "eventId": e.id.to_string(), "seq": e.seq.0, "lane": e.lane, "sender": record.sender.0 }));
     Value::Object(out)
 }

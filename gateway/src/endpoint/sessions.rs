@@ -28,7 +28,9 @@ pub struct Sessions {
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions").field("connected", &self.connected()).finish()
+        f.debug_struct("Sessions")
+            .field("connected", &self.connected())
+            .finish()
     }
 }
 
@@ -51,11 +53,22 @@ impl Sessions {
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(device.clone(), Live { conn, kick: kicked.clone(), downlink: tx });
+            .insert(
+                device.clone(),
+                Live {
+                    conn,
+                    kick: kicked.clone(),
+                    downlink: tx,
+                },
+            );
         if let Some(old) = old {
             old.kick.cancel();
         }
-        Registration { conn, kicked, downlink: rx }
+        Registration {
+            conn,
+            kicked,
+            downlink: rx,
+        }
     }
 
     /// Forgets `conn` if it is still the live one for `device`.
@@ -70,14 +83,21 @@ impl Sessions {
     /// queue is full (the hello exchange re-syncs it on its next connect).
     pub fn send(&self, device: &DeviceId, frame: Vec<u8>) -> bool {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        live.get(device).is_some_and(|l| l.downlink.try_send(frame).is_ok())
+        live.get(device)
+            .is_some_and(|l| l.downlink.try_send(frame).is_ok())
     }
 
     pub fn connected(&self) -> usize {
-        self.live.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_connected(&self, device: &DeviceId) -> bool {
-        self.live.lock().unwrap_or_else(PoisonError::into_inner).contains_key(device)
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(device)
     }
 }

@@ -23,7 +23,10 @@ use std::thread::JoinHandle;
 use edge_agent::model::{DeviceId, Event, Seq};
 use edge_agent::spool::Drops;
 use edge_agent::wire::{RejectReason, Rejected, UplinkBatch};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
@@ -165,8 +168,15 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating or recovering) the store at `path`.
-    pub fn open(path: &Path, cache_size: usize, destinations: &[String]) -> Result<Store, StoreError> {
-        let db = Database::builder().set_cache_size(cache_size).create(path).st()?;
+    pub fn open(
+        path: &Path,
+        cache_size: usize,
+        destinations: &[String],
+    ) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(cache_size)
+            .create(path)
+            .st()?;
         let txn = db.begin_write().st()?;
         {
             txn.open_table(INBOX).st()?;
@@ -179,25 +189,47 @@ impl Store {
         let head = {
             let r = db.begin_read().st()?;
             let meta = r.open_table(META).st()?;
-            meta.get(NEXT_INBOX).st()?.map(|v| v.value()).unwrap_or(1).saturating_sub(1)
+            meta.get(NEXT_INBOX)
+                .st()?
+                .map(|v| v.value())
+                .unwrap_or(1)
+                .saturating_sub(1)
         };
         let done = destinations.iter().map(|d| (d.clone(), 0)).collect();
-        let shared = Arc::new(Shared { db, head: watch::channel(head).0, done: Mutex::new(done) });
+        let shared = Arc::new(Shared {
+            db,
+            head: watch::channel(head).0,
+            done: Mutex::new(done),
+        });
         let (tx, rx) = mpsc::channel(STORE_QUEUE_DEPTH);
         let writer_shared = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || run_writer(writer_shared, rx))
             .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
-        Ok(Store { shared, tx, writer: Mutex::new(Some(writer)) })
+        Ok(Store {
+            shared,
+            tx,
+            writer: Mutex::new(Some(writer)),
+        })
     }
 
     /// Stores a batch's new events and its admission state in one commit; returns
     /// what to acknowledge. The caller has verified the sender owns the batch.
-    pub async fn receive(&self, sender: DeviceId, batch: UplinkBatch, received_ms: i64) -> Result<Receipt, StoreError> {
+    pub async fn receive(
+        &self,
+        sender: DeviceId,
+        batch: UplinkBatch,
+        received_ms: i64,
+    ) -> Result<Receipt, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Receive { sender, batch, received_ms, reply })
+            .send(Command::Receive {
+                sender,
+                batch,
+                received_ms,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -210,10 +242,20 @@ impl Store {
 
     /// Saves a destination's state; inbox entries up to `done_through` may be pruned
     /// once every destination is past them.
-    pub async fn save_cursor(&self, name: &str, state: Vec<u8>, done_through: u64) -> Result<(), StoreError> {
+    pub async fn save_cursor(
+        &self,
+        name: &str,
+        state: Vec<u8>,
+        done_through: u64,
+    ) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::SaveCursor { name: name.to_owned(), state, done_through, reply })
+            .send(Command::SaveCursor {
+                name: name.to_owned(),
+                state,
+                done_through,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -228,7 +270,11 @@ impl Store {
     }
 
     /// Up to `max` inbox records after `after`, in order.
-    pub fn read_inbox(&self, after: u64, max: usize) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+    pub fn read_inbox(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
         let r = self.shared.db.begin_read().st()?;
         let t = r.open_table(INBOX).st()?;
         let mut out = Vec::new();
@@ -252,7 +298,8 @@ impl Store {
         let t = r.open_table(DEVICES).st()?;
         let v = match t.get(id).st()? {
             Some(v) => Some(
-                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(format!("device {id}: {e}")))?,
+                postcard::from_bytes(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("device {id}: {e}")))?,
             ),
             None => None,
         };
@@ -282,7 +329,11 @@ impl Store {
     /// Finishes queued writes and stops the writer.
     pub async fn close(&self) {
         let _ = self.tx.send(Command::Stop).await;
-        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
@@ -293,7 +344,11 @@ impl Drop for Store {
     fn drop(&mut self) {
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.tx, closed));
-        let handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -302,7 +357,9 @@ impl Drop for Store {
 
 fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
     loop {
-        let Some(first) = rx.blocking_recv() else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -335,29 +392,51 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
     let mut head = 0;
     let result = (|| -> Result<(), StoreError> {
         let mut txn = shared.db.begin_write().st()?;
-        txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Storage(e.to_string()))?;
-        let mut next = txn.open_table(META).st()?.get(NEXT_INBOX).st()?.map(|v| v.value()).unwrap_or(1);
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let mut next = txn
+            .open_table(META)
+            .st()?
+            .get(NEXT_INBOX)
+            .st()?
+            .map(|v| v.value())
+            .unwrap_or(1);
         let mut group = group.into_iter();
         while let Some(cmd) = group.next() {
             match cmd {
-                Command::Receive { sender, batch, received_ms, reply } => {
-                    match receive(&txn, &mut next, &sender, batch, received_ms) {
-                        Ok(r) => replies.push(Reply::Receive(reply, r)),
-                        Err(e) => {
-                            let _ = reply.send(Err(e.clone()));
-                            waiting.extend(group);
-                            return Err(e);
-                        }
+                Command::Receive {
+                    sender,
+                    batch,
+                    received_ms,
+                    reply,
+                } => match receive(&txn, &mut next, &sender, batch, received_ms) {
+                    Ok(r) => replies.push(Reply::Receive(reply, r)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.clone()));
+                        waiting.extend(group);
+                        return Err(e);
                     }
-                }
+                },
                 Command::FrameRejected { device } => {
                     let mut rec = load_device(&txn, &device.0)?;
                     rec.frames_rejected += 1;
                     save_device(&txn, &device.0, &rec)?;
                 }
-                Command::SaveCursor { name, state, done_through, reply } => {
-                    txn.open_table(CURSORS).st()?.insert(name.as_str(), state.as_slice()).st()?;
-                    shared.done.lock().unwrap_or_else(PoisonError::into_inner).insert(name, done_through);
+                Command::SaveCursor {
+                    name,
+                    state,
+                    done_through,
+                    reply,
+                } => {
+                    txn.open_table(CURSORS)
+                        .st()?
+                        .insert(name.as_str(), state.as_slice())
+                        .st()?;
+                    shared
+                        .done
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(name, done_through);
                     replies.push(Reply::Saved(reply));
                 }
                 Command::Stop => {}
@@ -409,19 +488,28 @@ fn receive(
         let t = txn.open_table(DEDUP).st()?;
         let v = t.get(key.as_str()).st()?;
         match v {
-            Some(v) => postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(format!("dedup {key}: {e}")))?,
+            Some(v) => postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("dedup {key}: {e}")))?,
             None => LaneDedup::default(),
         }
     };
     dedup.raise_floor(batch.floor.0);
     let skew = received_ms.saturating_sub(batch.sent_at_ms);
-    let mut receipt = Receipt { acked: Vec::new(), rejected: Vec::new(), stored: 0, duplicates: 0 };
+    let mut receipt = Receipt {
+        acked: Vec::new(),
+        rejected: Vec::new(),
+        stored: 0,
+        duplicates: 0,
+    };
     {
         let mut inbox = txn.open_table(INBOX).st()?;
         for event in batch.events {
             let seq = event.seq;
             if seq.0 == 0 || event.lane != batch.lane {
-                receipt.rejected.push(Rejected { seq, reason: RejectReason::Invalid });
+                receipt.rejected.push(Rejected {
+                    seq,
+                    reason: RejectReason::Invalid,
+                });
                 continue;
             }
             if dedup.admit(seq.0) {
@@ -431,7 +519,8 @@ fn receive(
                     corrected_timestamp_ms: event.timestamp_ms.saturating_add(skew),
                     event,
                 };
-                let bytes = postcard::to_stdvec(&record).map_err(|e| StoreError::Storage(e.to_string()))?;
+                let bytes =
+                    postcard::to_stdvec(&record).map_err(|e| StoreError::Storage(e.to_string()))?;
                 inbox.insert(*next, bytes.as_slice()).st()?;
                 *next += 1;
                 receipt.stored += 1;
@@ -442,7 +531,10 @@ fn receive(
         }
     }
     let bytes = postcard::to_stdvec(&dedup).map_err(|e| StoreError::Storage(e.to_string()))?;
-    txn.open_table(DEDUP).st()?.insert(key.as_str(), bytes.as_slice()).st()?;
+    txn.open_table(DEDUP)
+        .st()?
+        .insert(key.as_str(), bytes.as_slice())
+        .st()?;
     let mut rec = load_device(txn, &sender.0)?;
     rec.last_seen_ms = received_ms;
     rec.events += receipt.stored as u64;
@@ -465,14 +557,19 @@ fn load_device(txn: &WriteTransaction, id: &str) -> Result<DeviceRecord, StoreEr
 
 fn save_device(txn: &WriteTransaction, id: &str, rec: &DeviceRecord) -> Result<(), StoreError> {
     let bytes = postcard::to_stdvec(rec).map_err(|e| StoreError::Storage(e.to_string()))?;
-    txn.open_table(DEVICES).st()?.insert(id, bytes.as_slice()).st()?;
+    txn.open_table(DEVICES)
+        .st()?
+        .insert(id, bytes.as_slice())
+        .st()?;
     Ok(())
 }
 
 /// Removes inbox entries every destination is done with.
 fn prune_inbox(shared: &Shared, txn: &WriteTransaction) -> Result<(), StoreError> {
     let done = shared.done.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some(min) = done.values().min().copied() else { return Ok(()) };
+    let Some(min) = done.values().min().copied() else {
+        return Ok(());
+    };
     drop(done);
     let mut inbox = txn.open_table(INBOX).st()?;
     // Bounded per commit so one prune never makes a long transaction.
