@@ -5,8 +5,9 @@
 //! - a device's certificate confines it to its own topics and its own session;
 //! - only current, unrevoked certificates from the gateway's CA get in, and they are
 //!   turned away at the TLS handshake (or, when revoked, at CONNACK);
-//! - frames in another device's name, malformed frames and oversized packets are
-//!   rejected and counted, never stored, and never disturb another device;
+//! - frames in another device's name and malformed frames are rejected and counted,
+//!   oversized and non-MQTT packets end the connection; nothing of them is stored, and
+//!   no other device notices;
 //! - a thousand idle sockets do not hold up a real device's connect.
 //!
 //! Topics follow the default prefix `edge/{device}`.
@@ -179,11 +180,14 @@ fn device_tls(gw: &Gateway, id: &str) -> Arc<ClientConfig> {
     .unwrap()
 }
 
+/// A client certificate and its key, or none.
+type Identity<'a> = Option<(&'a Path, &'a Path)>;
+
 /// A client configuration that trusts `ca`, speaks only `version`, and presents
 /// `identity` (certificate, key) when asked for a client certificate, if there is one.
 fn tls_with(
     ca: &Path,
-    identity: Option<(&Path, &Path)>,
+    identity: Identity<'_>,
     version: &'static SupportedProtocolVersion,
 ) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
@@ -572,40 +576,46 @@ async fn connections_without_a_valid_client_certificate_fail_the_tls_handshake()
     let expired =
         edge_gateway::pki::issue_device_with(same_ca.path(), A, now - 2 * day, now - day).unwrap();
     let (server_cert, server_key) = (pki.join("server.pem"), pki.join("server.key"));
-    let cases: [(&str, Option<(&Path, &Path)>); 4] = [
-        ("no certificate", None),
+    // Each with the TLS alert the gateway answers it with.
+    let cases: [(&str, Identity<'_>, &str); 4] = [
+        ("no certificate", None, "CertificateRequired"),
         (
             "another CA's certificate",
             Some((&foreign.cert, &foreign.key)),
+            "UnknownCA",
         ),
         (
             "an expired certificate",
             Some((&expired.cert, &expired.key)),
+            "CertificateExpired",
         ),
         // Right CA, but issued for server authentication only.
         (
             "the gateway's server certificate",
             Some((&server_cert, &server_key)),
+            "UnsupportedCertificate",
         ),
     ];
     let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
     let mut failed = 0;
-    for (what, identity) in cases {
+    for (what, identity, alert) in cases {
         for version in versions {
+            let v = version.version;
             match connect(options(&gw, A, tls_with(&ca, identity, version))).await {
-                Ok(_) => panic!("{what} over {:?}: connected", version.version),
-                Err(ConnectionError::ConnectionRefused(code)) => panic!(
-                    "{what} over {:?}: got as far as CONNACK ({code:?})",
-                    version.version
-                ),
-                Err(e) => println!("{what} over {:?}: refused: {e}", version.version),
+                Ok(_) => panic!("{what} over {v:?}: connected"),
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    panic!("{what} over {v:?}: got as far as CONNACK ({code:?})")
+                }
+                Err(e) => {
+                    println!("{what} over {v:?}: refused: {e}");
+                    assert!(e.to_string().contains(alert), "{what} over {v:?}: {e}");
+                }
             }
             failed += 1;
             // Counted in the connection's own task, possibly after the client gave up.
             assert!(
                 wait_until(PROMPT, || metric(&gw, HANDSHAKES_FAILED) == failed),
-                "{what} over {:?}: handshakes_failed = {}, want {failed}",
-                version.version,
+                "{what} over {v:?}: handshakes_failed = {}, want {failed}",
                 metric(&gw, HANDSHAKES_FAILED)
             );
         }
@@ -738,7 +748,10 @@ async fn malformed_and_oversized_frames_are_rejected_while_another_device_is_ser
                     break;
                 }
                 let events: Vec<_> = (0..20)
-                    .map(|i| serde_json::json!({"type": "track", "event": "Played", "userId": "u-b", "messageId": format!("good-{r}-{i}")}))
+                    .map(|i| {
+                        let id = format!("good-{r}-{i}");
+                        serde_json::json!({"type": "track", "event": "Played", "userId": "u-b", "messageId": id})
+                    })
                     .collect();
                 let body = serde_json::to_vec(&serde_json::json!({ "batch": events })).unwrap();
                 let resp = post(addr, "/v1/batch", &auth, &body).unwrap();
@@ -808,7 +821,11 @@ async fn malformed_and_oversized_frames_are_rejected_while_another_device_is_ser
     let tls = device_tls(&gw, A);
     let connect_a = connect_packet("MQTT", 4, A);
     let raw_cases: [(&str, Vec<u8>); 4] = [
-        ("garbage instead of CONNECT", garbage[..200].to_vec()),
+        // 0xde: not a CONNECT's first byte, whatever the random bytes after it.
+        (
+            "garbage instead of CONNECT",
+            [&[0xde][..], &garbage[..200]].concat(),
+        ),
         (
             "reserved packet type 15",
             [connect_a.clone(), vec![0xf0, 0x00]].concat(),
@@ -965,9 +982,12 @@ async fn a_thousand_idle_connections_do_not_delay_a_device_connect() {
     let before = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     // 1000 sockets here and 1000 in the gateway, next to the other tests of this binary.
     let (soft, hard) = raise_open_files_limit(4 * IDLE as u64);
+    let show = |n: Option<u64>| n.map_or("unlimited".to_owned(), |n| n.to_string());
     println!(
-        "open files: soft {:?} (was {:?}), hard {hard:?}",
-        soft, before.current
+        "open files (ulimit -n): soft {} (was {}), hard {}",
+        show(soft),
+        show(before.current),
+        show(hard)
     );
     let mut gw = Gateway::new(&[A], "");
     // Long enough that no idle socket is dropped by the gateway while we measure.
@@ -1075,7 +1095,7 @@ fn text(out: &Output) -> String {
 
 #[test]
 #[ignore = "needs mosquitto-clients (tests/run-all installs it)"]
-fn mosquitto_clients_deliver_get_acks_and_stay_within_their_topics() {
+fn mosquitto_clients_publish_durably_and_stay_within_their_topics() {
     let mut gw = Gateway::new(&[A, B], "");
     gw.start();
     let dir = tempfile::tempdir().unwrap();
@@ -1086,8 +1106,8 @@ fn mosquitto_clients_deliver_get_acks_and_stay_within_their_topics() {
     };
     let (up_a, up_b) = (topic(A, "up"), topic(B, "up"));
 
-    // mosquitto_pub at QoS 1 and 2: it exits 0 only once the gateway acknowledged,
-    // which it does after the durable commit.
+    // mosquitto_pub at QoS 1 and 2: it exits 0 only once the gateway acknowledged
+    // (PUBACK, PUBREC/PUBCOMP), which it does after the durable commit.
     let pub1 = write("pub1.bin", &frame(&batch(A, "mosq-q1", 1, 3)));
     let out = mosquitto(
         "mosquitto_pub",
@@ -1108,49 +1128,32 @@ fn mosquitto_clients_deliver_get_acks_and_stay_within_their_topics() {
         delivered_ids(&gw, "mosq-q1").len() == 3 && delivered_ids(&gw, "mosq-q2").len() == 2
     }));
 
-    // The ack goes to the connection that sent the batch, and a device has one
-    // connection at a time (a second one with its client id takes over), so a
-    // background mosquitto_sub cannot see the acks of a mosquitto_pub. mosquitto_rr
-    // subscribes and publishes on one connection.
-    let rr = batch(A, "mosq-rr", 6, 2);
-    let rr_file = write("rr.bin", &frame(&rr));
-    let ack_a = topic(A, "ack");
+    // Subscribing to its own ack and downlink topics is granted. (Reading an ack takes a
+    // client that subscribes and publishes on one connection: the gateway acks on the
+    // connection that sent the batch, and a second connection with the device's client
+    // id takes over the first (MQTT 3.1.1 §3.1.4-2), so a background mosquitto_sub cannot
+    // see a mosquitto_pub's ack. mosquitto_rr would, but 2.0.11 publishes an empty
+    // payload for `-f`/`-s`, and a frame, with its zero flags byte, cannot go in `-m`.
+    // The rumqttc tests above read acks.) -W 1 bounds the wait: no message comes.
+    let (ack_a, down_a) = (topic(A, "ack"), topic(A, "down"));
     let out = mosquitto(
-        "mosquitto_rr",
+        "mosquitto_sub",
         &gw,
         A,
         &[
-            "-q", "1", "-t", &up_a, "-e", &ack_a, "-f", &rr_file, "-W", "10", "-N",
+            "-d", "-q", "1", "-t", &ack_a, "-t", &down_a, "-C", "1", "-W", "1",
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    assert_acks(
-        &wire::decode_ack(&out.stdout, wire::DEFAULT_MAX_FRAME).unwrap(),
-        &rr,
+    assert!(
+        text(&out).contains("Subscribed (mid: 1): 1, 1"),
+        "{}",
+        text(&out)
     );
-    let hello_file = write("hello.bin", &hello(A));
-    let (hello_a, down_a) = (topic(A, "hello"), topic(A, "down"));
-    let out = mosquitto(
-        "mosquitto_rr",
-        &gw,
-        A,
-        &[
-            "-q",
-            "1",
-            "-t",
-            &hello_a,
-            "-e",
-            &down_a,
-            "-f",
-            &hello_file,
-            "-W",
-            "10",
-            "-N",
-        ],
+    assert_eq!(
+        out.status.code(),
+        Some(27),
+        "timed out, as nothing was sent"
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let reply = wire::decode_downlink(&out.stdout, wire::DEFAULT_MAX_FRAME).unwrap();
-    assert!(matches!(reply, Downlink::HelloReply { .. }), "{reply:?}");
 
     // B's topics are out of reach. A refused subscription: mosquitto_sub reports it
     // (and, in 2.0.11, still exits 0).
@@ -1195,7 +1198,7 @@ fn mosquitto_clients_deliver_get_acks_and_stay_within_their_topics() {
     }
 
     let record = device_record(&gw, A).unwrap();
-    assert_eq!(record["events"], 7, "{record}");
+    assert_eq!(record["events"], 5, "{record}");
     assert_eq!(record["frames_rejected"], 0, "{record}");
     assert_no_panic(&mut gw);
 }
