@@ -18,12 +18,17 @@
 //!    the receive maximum the broker must respect.
 //! 3. A PUBACK goes only to the connection that delivered its PUBLISH. After a
 //!    reconnect the broker sends unacknowledged messages again under their packet ids,
-//!    and a late PUBACK could acknowledge a newer message that reuses the id.
-//! 4. No wait closes a cycle. The driver waits on handlers; handlers and the driver
-//!    queue at most two requests (answer, PUBACK) per message into the client's
-//!    request queue, sized for twice the in-flight cap, so they never wait on the event
-//!    loop; the event loop task waits only on the driver's queue, and the driver reads
-//!    it whenever fewer than twice `max_in_flight` messages are being handled.
+//!    and a late PUBACK could acknowledge a newer message that reuses the id. (The
+//!    connection counter moves just after rumqttc drops a connection and its queued
+//!    PUBACKs; one queued in between still goes out, which at worst lets the broker
+//!    forget a message the agent still holds and will resend.)
+//! 4. No wait closes a cycle. The event loop task waits only for room in the driver's
+//!    queue, which the driver reads whenever it holds fewer than `2 × max_in_flight`
+//!    messages (else it waits for handlers, which wait only for the store). Handlers
+//!    and the driver queue at most two client requests per message (answer, PUBACK),
+//!    and the broker sends no more than `max_in_flight` messages without a PUBACK, so
+//!    the client's request queue (`4 × max_in_flight` and some) never makes them wait
+//!    for the event loop.
 //!
 //! A broker's PUBACK is not the device's guarantee: the agent forgets events only on
 //! the gateway's `Ack` (DESIGN §3.2). So a message whose commit failed is acknowledged
@@ -110,7 +115,11 @@ impl std::fmt::Debug for BrokerSettings {
 /// Where the gateway's broker client certificate, key and CA are: the configured paths
 /// (relative to `data_dir`), else `<pki_dir>/ca.pem` and
 /// `<pki_dir>/devices/<client_id>.{pem,key}`.
-pub fn tls_paths(mqtt: &MqttConfig, data_dir: &Path, pki_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub fn tls_paths(
+    mqtt: &MqttConfig,
+    data_dir: &Path,
+    pki_dir: &Path,
+) -> (PathBuf, PathBuf, PathBuf) {
     let layout = PkiDir::new(pki_dir);
     let id = DeviceId(mqtt.client_id.clone());
     let pick = |configured: &Option<PathBuf>, default: PathBuf| match configured {
@@ -126,7 +135,11 @@ pub fn tls_paths(mqtt: &MqttConfig, data_dir: &Path, pki_dir: &Path) -> (PathBuf
 
 impl BrokerSettings {
     /// Builds the settings from a validated `[mqtt]`, loading the TLS files.
-    pub fn from_config(mqtt: &MqttConfig, data_dir: &Path, pki_dir: &Path) -> Result<Self, BrokerError> {
+    pub fn from_config(
+        mqtt: &MqttConfig,
+        data_dir: &Path,
+        pki_dir: &Path,
+    ) -> Result<Self, BrokerError> {
         let (host, port) = mqtt.broker_address().map_err(BrokerError::Url)?;
         let (ca, cert, key) = tls_paths(mqtt, data_dir, pki_dir);
         Ok(BrokerSettings {
@@ -146,7 +159,9 @@ impl BrokerSettings {
 
     fn options(&self) -> MqttOptions {
         let mut opts = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(&self.tls))));
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::clone(&self.tls),
+        )));
         // Validation keeps it in 5 s..=u16::MAX s; rumqttc panics below 5 s.
         opts.set_keep_alive(self.keep_alive.max(Duration::from_secs(5)));
         opts.set_clean_start(false);
@@ -183,11 +198,18 @@ pub struct BrokerConsumer {
 /// What the event loop task reports to the driver.
 #[derive(Debug)]
 enum Net {
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     /// One SUBACK; subscribes go out one filter each and are answered in order.
-    SubAck { reasons: Vec<SubscribeReasonCode> },
+    SubAck {
+        reasons: Vec<SubscribeReasonCode>,
+    },
     Lost(String),
-    Message { publish: Publish, connection: u64 },
+    Message {
+        publish: Publish,
+        connection: u64,
+    },
 }
 
 /// A message being handled; its PUBACK waits for its handler and for those before it.
@@ -210,18 +232,20 @@ impl BrokerConsumer {
         let (net_tx, mut net_rx) = mpsc::channel(usize::from(s.max_in_flight) + NET_QUEUE_SLACK);
         // Bumped whenever the connection is lost; a message carries the value it came with.
         let connection = Arc::new(AtomicU64::new(0));
-        let stop_loop = CancellationToken::new();
+        let (closing, stop_loop) = (CancellationToken::new(), CancellationToken::new());
         let mut event_loop = tokio::spawn(drive_event_loop(
             eventloop,
             net_tx,
             Arc::clone(&connection),
             Backoff::new(s.backoff_min, s.backoff_max),
+            closing.clone(),
             stop_loop.clone(),
         ));
         info!(broker = %format_args!("{}:{}", s.host, s.port), client_id = %s.client_id, group = %s.shared_group, "Consuming the uplink from the broker.");
 
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut connected = false;
+        let mut failures: u64 = 0;
         // Filters subscribed on this connection and not answered yet, in order.
         let mut subscribing: VecDeque<String> = VecDeque::new();
         loop {
@@ -234,7 +258,10 @@ impl BrokerConsumer {
                     }
                 }
                 net = net_rx.recv(), if in_flight.len() < cap => match net {
-                    None => break,
+                    None => {
+                        error!("The MQTT event loop stopped; no more uplink from the broker.");
+                        break;
+                    }
                     Some(Net::Connected { session_present }) => {
                         connected = true;
                         info!(session_present, "Connected to the broker.");
@@ -261,8 +288,15 @@ impl BrokerConsumer {
                     Some(Net::Lost(e)) => {
                         if connected {
                             warn!(error = %e, "Broker connection lost; reconnecting.");
+                            failures = 0;
                         } else {
-                            debug!(error = %e, "Broker connect failed; backing off.");
+                            // Logged at 1, 2, 4, 8... failures in a row: visible, not a flood.
+                            failures += 1;
+                            if failures.is_power_of_two() {
+                                warn!(error = %e, failures, "Cannot connect to the broker; retrying with backoff.");
+                            } else {
+                                debug!(error = %e, failures, "Broker connect failed; backing off.");
+                            }
                         }
                         connected = false;
                     }
@@ -274,8 +308,8 @@ impl BrokerConsumer {
             }
         }
 
-        // Shutdown: no new messages (the broker keeps them for this session or hands
-        // them to another gateway of the group), finish and acknowledge those in hand.
+        // Shutdown: take no new messages (the broker keeps them in this gateway's
+        // session), finish and acknowledge those in hand.
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while !in_flight.is_empty() {
             tokio::select! {
@@ -292,6 +326,7 @@ impl BrokerConsumer {
                 }
             }
         }
+        closing.cancel();
         if let Err(e) = client.try_disconnect() {
             debug!(error = %e, "DISCONNECT not queued.");
         }
@@ -316,7 +351,10 @@ impl BrokerConsumer {
     /// counted and logged, and the message is acknowledged to the broker all the same
     /// (see the module docs for why that loses nothing).
     async fn handle(self: Arc<Self>, client: AsyncClient, topic: Bytes, payload: Bytes) {
-        let Some((device, kind)) = std::str::from_utf8(&topic).ok().and_then(|t| self.topics.parse(t)) else {
+        let Some((device, kind)) = std::str::from_utf8(&topic)
+            .ok()
+            .and_then(|t| self.topics.parse(t))
+        else {
             EndpointMetrics::inc(&self.metrics.topic_violations);
             warn!(topic = %String::from_utf8_lossy(&topic), "Message on a topic that is not a device's; ignored.");
             return;
@@ -328,11 +366,14 @@ impl BrokerConsumer {
         }
         let max = usize::try_from(self.settings.max_packet_size).unwrap_or(usize::MAX);
         let answer = match kind {
-            TopicKind::Up => ingress::handle_batch(&self.store, &self.metrics, &device, &payload, max)
-                .await
-                .map(|frame| (TopicKind::Ack, frame)),
+            TopicKind::Up => {
+                ingress::handle_batch(&self.store, &self.metrics, &device, &payload, max)
+                    .await
+                    .map(|frame| (TopicKind::Ack, frame))
+            }
             TopicKind::Hello => {
-                ingress::handle_hello(&self.store, &self.metrics, &device, &payload).map(|frame| (TopicKind::Down, frame))
+                ingress::handle_hello(&self.store, &self.metrics, &device, &payload)
+                    .map(|frame| (TopicKind::Down, frame))
             }
             TopicKind::Ack | TopicKind::Down => {
                 EndpointMetrics::inc(&self.metrics.topic_violations);
@@ -356,9 +397,12 @@ impl BrokerConsumer {
             Ok(t) => t,
             Err(e) => return warn!(device = %device, error = %e, "No reply topic."),
         };
-        // QoS 1 so the broker keeps it while the device reconnects within its session;
-        // a lost Ack only makes the agent resend a batch the store already holds.
-        if let Err(e) = client.publish(reply_topic, QoS::AtLeastOnce, false, frame).await {
+        // QoS 1, as the embedded endpoint answers. An answer lost on the way (the device
+        // went offline) only makes the agent resend a batch the store already holds.
+        if let Err(e) = client
+            .publish(reply_topic, QoS::AtLeastOnce, false, frame)
+            .await
+        {
             debug!(device = %device, error = %e, "Answer not queued; the client is closing.");
         }
     }
@@ -379,7 +423,10 @@ async fn front_done(in_flight: &mut VecDeque<InFlight>) {
 /// Sends the PUBACK of a handled message if its connection is still the current one.
 async fn settle(client: &AsyncClient, done: &InFlight, connection: &AtomicU64) {
     if done.connection != connection.load(Ordering::Acquire) {
-        debug!(pkid = done.publish.pkid, "Connection changed; the broker delivers this message again.");
+        debug!(
+            pkid = done.publish.pkid,
+            "Connection changed; the broker delivers this message again."
+        );
         return;
     }
     if let Err(e) = client.ack(&done.publish).await {
@@ -388,13 +435,14 @@ async fn settle(client: &AsyncClient, done: &InFlight, connection: &AtomicU64) {
 }
 
 /// Polls rumqttc's event loop (which reconnects on the next poll after an error) and
-/// reports to the driver. Ends after our DISCONNECT is sent, when the driver is gone,
-/// or on `stop`.
+/// reports to the driver. Ends once `closing` and our DISCONNECT is sent, when the
+/// driver is gone, or on `stop`.
 async fn drive_event_loop(
     mut eventloop: EventLoop,
     net: mpsc::Sender<Net>,
     connection: Arc<AtomicU64>,
     mut backoff: Backoff,
+    closing: CancellationToken,
     stop: CancellationToken,
 ) {
     loop {
@@ -405,13 +453,20 @@ async fn drive_event_loop(
         let report = match polled {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
-                Net::Connected { session_present: ack.session_present }
+                Net::Connected {
+                    session_present: ack.session_present,
+                }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                Net::Message { publish, connection: connection.load(Ordering::Acquire) }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => Net::SubAck { reasons: ack.return_codes },
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(Event::Incoming(Packet::Publish(publish))) => Net::Message {
+                publish,
+                connection: connection.load(Ordering::Acquire),
+            },
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Net::SubAck {
+                reasons: ack.return_codes,
+            },
+            // rumqttc also sends DISCONNECT on a protocol error; the broker then closes
+            // the connection and the next poll reconnects.
+            Ok(Event::Outgoing(Outgoing::Disconnect)) if closing.is_cancelled() => return,
             Ok(_) => continue,
             Err(e) => {
                 connection.fetch_add(1, Ordering::AcqRel);
@@ -445,14 +500,22 @@ struct Backoff {
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max: max.max(min), cap: min, random: RandomState::new(), draws: 0 }
+        Backoff {
+            min,
+            max: max.max(min),
+            cap: min,
+            random: RandomState::new(),
+            draws: 0,
+        }
     }
 
     fn next(&mut self) -> Duration {
         let cap = self.cap;
         self.cap = (self.cap * 2).min(self.max);
         self.draws = self.draws.wrapping_add(1);
-        let span = u64::try_from(cap.saturating_sub(self.min).as_millis()).unwrap_or(u64::MAX).max(1);
+        let span = u64::try_from(cap.saturating_sub(self.min).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self.min + Duration::from_millis(self.random.hash_one(self.draws) % span)
     }
 
@@ -481,27 +544,43 @@ mod tests {
     fn shared_filters_put_the_group_before_the_device_wildcard() {
         let settings = settings("edge-gateways");
         let topics = Topics::new("edge/{device}").unwrap();
-        assert_eq!(settings.filter(&topics, TopicKind::Up), "$share/edge-gateways/edge/+/up");
-        assert_eq!(settings.filter(&topics, TopicKind::Hello), "$share/edge-gateways/edge/+/hello");
+        assert_eq!(
+            settings.filter(&topics, TopicKind::Up),
+            "$share/edge-gateways/edge/+/up"
+        );
+        assert_eq!(
+            settings.filter(&topics, TopicKind::Hello),
+            "$share/edge-gateways/edge/+/hello"
+        );
         let nested = Topics::new("tenant-a/{device}/v1").unwrap();
-        assert_eq!(settings.filter(&nested, TopicKind::Up), "$share/edge-gateways/tenant-a/+/v1/up");
+        assert_eq!(
+            settings.filter(&nested, TopicKind::Up),
+            "$share/edge-gateways/tenant-a/+/v1/up"
+        );
     }
 
     #[test]
     fn tls_paths_default_to_the_pki_dir_and_the_client_id() {
-        let mut mqtt = MqttConfig { client_id: "gw-2".into(), ..MqttConfig::default() };
+        let mut mqtt = MqttConfig {
+            client_id: "gw-2".into(),
+            ..MqttConfig::default()
+        };
         let (ca, cert, key) = tls_paths(&mqtt, Path::new("/data"), Path::new("/data/pki"));
         assert_eq!(ca, Path::new("/data/pki/ca.pem"));
         assert_eq!(cert, Path::new("/data/pki/devices/gw-2.pem"));
         assert_eq!(key, Path::new("/data/pki/devices/gw-2.key"));
         mqtt.broker_cert = Some("certs/gw.pem".into());
-        assert_eq!(tls_paths(&mqtt, Path::new("/data"), Path::new("/data/pki")).1, Path::new("/data/certs/gw.pem"));
+        assert_eq!(
+            tls_paths(&mqtt, Path::new("/data"), Path::new("/data/pki")).1,
+            Path::new("/data/certs/gw.pem")
+        );
     }
 
     fn settings(group: &str) -> BrokerSettings {
         let dir = tempfile::tempdir().unwrap();
         crate::pki::init(dir.path(), &[]).unwrap();
-        let files = crate::pki::issue_device(dir.path(), "edge-gateway", Duration::from_secs(3600)).unwrap();
+        let files = crate::pki::issue_device(dir.path(), "edge-gateway", Duration::from_secs(3600))
+            .unwrap();
         BrokerSettings {
             host: "127.0.0.1".into(),
             port: 8883,

@@ -94,16 +94,17 @@ pub struct MqttConfig {
     /// broker mode it must match the broker's ACLs (`conf/mosquitto.acl`).
     #[serde(default = "default_prefix")]
     pub topic_prefix: String,
-    /// Most device connections at once; more are closed right after accept.
+    /// Most device connections at once; more are closed right after accept (embedded
+    /// mode).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Time a client has to finish the TLS handshake.
+    /// Time a client has to finish the TLS handshake (embedded mode).
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
     pub handshake_timeout: Duration,
-    /// Time a client has to send CONNECT after the handshake.
+    /// Time a client has to send CONNECT after the handshake (embedded mode).
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
-    /// Largest MQTT packet accepted (and so largest uplink frame).
+    /// Largest MQTT packet accepted (and so largest uplink frame), in both modes.
     #[serde(default = "default_max_packet")]
     pub max_packet_size: ByteSize,
     /// Most events per second one device may send; faster senders are slowed down

@@ -73,8 +73,12 @@ pub async fn commit_batch(
 ) -> Result<Vec<u8>, IngressError> {
     let receipt = store.receive(sender.clone(), batch, now_ms()).await?;
     metrics.batches_received.fetch_add(1, Ordering::Relaxed);
-    metrics.events_stored.fetch_add(receipt.stored as u64, Ordering::Relaxed);
-    metrics.events_duplicate.fetch_add(receipt.duplicates as u64, Ordering::Relaxed);
+    metrics
+        .events_stored
+        .fetch_add(receipt.stored as u64, Ordering::Relaxed);
+    metrics
+        .events_duplicate
+        .fetch_add(receipt.duplicates as u64, Ordering::Relaxed);
     let ack = Ack {
         device: sender.clone(),
         acked: SeqRange::compact(receipt.acked),
@@ -112,16 +116,27 @@ pub fn handle_hello(
         }
         Err(e) => return Err(reject(store, metrics, sender, e.to_string()).into()),
     };
-    let reply = Downlink::HelloReply { gateway_time_ms: now_ms(), audiences_version: hello.audiences_version };
+    let reply = Downlink::HelloReply {
+        gateway_time_ms: now_ms(),
+        audiences_version: hello.audiences_version,
+    };
     Ok(wire::encode_downlink(&reply, Compression::None)?)
 }
 
 /// Counts and logs a refused frame.
-fn reject(store: &Store, metrics: &EndpointMetrics, sender: &DeviceId, reason: String) -> FrameRejected {
+fn reject(
+    store: &Store,
+    metrics: &EndpointMetrics,
+    sender: &DeviceId,
+    reason: String,
+) -> FrameRejected {
     EndpointMetrics::inc(&metrics.frames_rejected);
     warn!(device = %sender, reason = %reason, "Frame rejected.");
     store.frame_rejected(sender.clone());
-    FrameRejected { sender: sender.clone(), reason }
+    FrameRejected {
+        sender: sender.clone(),
+        reason,
+    }
 }
 
 #[cfg(test)]
@@ -163,13 +178,35 @@ mod tests {
     async fn a_batch_is_committed_then_acked_and_a_resend_is_acked_as_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let (store, metrics) = (store(&dir), EndpointMetrics::default());
-        let frame = handle_batch(&store, &metrics, &dev("d1"), &batch("d1", &[1, 2, 3]), 1 << 20).await.unwrap();
+        let frame = handle_batch(
+            &store,
+            &metrics,
+            &dev("d1"),
+            &batch("d1", &[1, 2, 3]),
+            1 << 20,
+        )
+        .await
+        .unwrap();
         let ack = wire::decode_ack(&frame, 1 << 20).unwrap();
         assert_eq!(ack.device, dev("d1"));
-        assert_eq!(ack.acked, vec![SeqRange { first: Seq(1), last: Seq(3) }]);
+        assert_eq!(
+            ack.acked,
+            vec![SeqRange {
+                first: Seq(1),
+                last: Seq(3)
+            }]
+        );
         assert_eq!(store.inbox_len().unwrap(), 3);
 
-        let again = handle_batch(&store, &metrics, &dev("d1"), &batch("d1", &[1, 2, 3]), 1 << 20).await.unwrap();
+        let again = handle_batch(
+            &store,
+            &metrics,
+            &dev("d1"),
+            &batch("d1", &[1, 2, 3]),
+            1 << 20,
+        )
+        .await
+        .unwrap();
         assert_eq!(wire::decode_ack(&again, 1 << 20).unwrap().acked, ack.acked);
         assert_eq!(store.inbox_len().unwrap(), 3);
         assert_eq!(metrics.events_stored.load(Ordering::Relaxed), 3);
@@ -181,9 +218,22 @@ mod tests {
     async fn a_batch_naming_another_device_is_rejected_and_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (store, metrics) = (store(&dir), EndpointMetrics::default());
-        let err = handle_batch(&store, &metrics, &dev("intruder"), &batch("victim", &[1]), 1 << 20).await.unwrap_err();
-        assert!(matches!(err, IngressError::Rejected(ref r) if r.sender == dev("intruder")), "{err}");
-        let err = handle_batch(&store, &metrics, &dev("d1"), b"\x01garbage", 1 << 20).await.unwrap_err();
+        let err = handle_batch(
+            &store,
+            &metrics,
+            &dev("intruder"),
+            &batch("victim", &[1]),
+            1 << 20,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, IngressError::Rejected(ref r) if r.sender == dev("intruder")),
+            "{err}"
+        );
+        let err = handle_batch(&store, &metrics, &dev("d1"), b"\x01garbage", 1 << 20)
+            .await
+            .unwrap_err();
         assert!(matches!(err, IngressError::Rejected(_)), "{err}");
         assert_eq!(store.inbox_len().unwrap(), 0);
         assert_eq!(metrics.frames_rejected.load(Ordering::Relaxed), 2);
@@ -206,13 +256,19 @@ mod tests {
         };
         let frame = handle_hello(&store, &metrics, &dev("d1"), &hello("d1")).unwrap();
         match wire::decode_downlink(&frame, 1 << 20).unwrap() {
-            Downlink::HelloReply { audiences_version, gateway_time_ms } => {
+            Downlink::HelloReply {
+                audiences_version,
+                gateway_time_ms,
+            } => {
                 assert_eq!(audiences_version, 7);
                 assert!(gateway_time_ms > 0);
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(handle_hello(&store, &metrics, &dev("d2"), &hello("d1")), Err(IngressError::Rejected(_))));
+        assert!(matches!(
+            handle_hello(&store, &metrics, &dev("d2"), &hello("d1")),
+            Err(IngressError::Rejected(_))
+        ));
         store.close().await;
     }
 }

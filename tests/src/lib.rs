@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod http;
+pub mod mosquitto;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};

@@ -655,37 +655,100 @@ fn machine_ticks() -> Option<(u64, u64, u64)> {
     Some((busy, *v.get(4)?, *v.get(3)?))
 }
 
-/// Machine-wide CPU use between two [`machine_ticks`] readings; `ours` is the CPU
-/// the agent and this process used meanwhile, so the rest is other processes (and
-/// kernel work not charged to a process).
+/// Machine-wide CPU use between two [`machine_ticks`] readings, and the share of
+/// one core used by anything but `ours` (the agent and this process): other
+/// processes, and kernel work not charged to a process.
 fn machine_delta(
     before: Option<(u64, u64, u64)>,
     after: Option<(u64, u64, u64)>,
     ours: Option<Duration>,
-) -> String {
-    match (before, after) {
-        (Some(b), Some(a)) => {
-            let (busy, iowait, idle) = (a.0 - b.0, a.1 - b.1, a.2 - b.2);
-            let total = (busy + iowait + idle).max(1) as f64;
-            let mut text = format!(
-                "busy {:.0}%, iowait {:.0}%, idle {:.0}% of all CPUs",
-                100.0 * busy as f64 / total,
-                100.0 * iowait as f64 / total,
-                100.0 * idle as f64 / total
-            );
-            if let Some(ours) = ours {
-                let elapsed_ticks =
-                    total / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
-                let other = busy as f64 - ours.as_secs_f64() * 100.0;
-                let _ = write!(
-                    text,
-                    "; not agent/loadgen: {:.0}% of one core",
-                    (100.0 * other / elapsed_ticks.max(1.0)).max(0.0)
-                );
-            }
-            text
+) -> (String, Option<f64>) {
+    let (Some(b), Some(a)) = (before, after) else {
+        return ("n/a".into(), None);
+    };
+    let (busy, iowait, idle) = (a.0 - b.0, a.1 - b.1, a.2 - b.2);
+    let total = (busy + iowait + idle).max(1) as f64;
+    let mut text = format!(
+        "busy {:.0}%, iowait {:.0}%, idle {:.0}% of all CPUs",
+        100.0 * busy as f64 / total,
+        100.0 * iowait as f64 / total,
+        100.0 * idle as f64 / total
+    );
+    let other = ours.map(|ours| {
+        let wall_ticks =
+            total / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        ((busy as f64 - ours.as_secs_f64() * 100.0) / wall_ticks.max(1.0)).max(0.0)
+    });
+    if let Some(other) = other {
+        let _ = write!(text, "; other processes: {:.0}% of one core", 100.0 * other);
+    }
+    (text, other)
+}
+
+/// CPU accounting over one phase: the agent (total and per thread), this
+/// process, and the whole machine.
+struct CpuWindow {
+    pid: u32,
+    /// Measuring this process itself: `me` is not counted twice.
+    own: bool,
+    start: Instant,
+    agent: Option<Duration>,
+    me: Option<Duration>,
+    threads: BTreeMap<String, (String, Duration)>,
+    machine: Option<(u64, u64, u64)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct CpuReport {
+    agent: String,
+    loadgen: String,
+    threads: String,
+    machine: String,
+    /// Cores' worth of CPU used by other processes meanwhile (0.5 = half a core).
+    other: Option<f64>,
+}
+
+impl CpuWindow {
+    fn start(pid: u32) -> Self {
+        CpuWindow {
+            pid,
+            own: pid == std::process::id(),
+            start: Instant::now(),
+            agent: cpu_time(&pid.to_string()),
+            me: cpu_time("self"),
+            threads: thread_cpu(pid),
+            machine: machine_ticks(),
         }
-        _ => "n/a".into(),
+    }
+
+    fn finish(self) -> CpuReport {
+        let wall = self.start.elapsed();
+        let agent = cpu_time(&self.pid.to_string());
+        let me = cpu_time("self");
+        let threads = thread_cpu_delta(&self.threads, &thread_cpu(self.pid), wall);
+        let ours = match (self.agent, agent, self.me, me) {
+            (Some(a0), Some(a1), _, _) if self.own => Some(a1.saturating_sub(a0)),
+            (Some(a0), Some(a1), Some(m0), Some(m1)) => {
+                Some(a1.saturating_sub(a0) + m1.saturating_sub(m0))
+            }
+            _ => None,
+        };
+        let (machine, other) = machine_delta(self.machine, machine_ticks(), ours);
+        CpuReport {
+            agent: cpu_delta(self.agent, agent, wall),
+            loadgen: cpu_delta(self.me, me, wall),
+            threads,
+            machine,
+            other,
+        }
+    }
+}
+
+impl CpuReport {
+    fn print(&self) {
+        println!("      cpu: agent {}, loadgen {}", self.agent, self.loadgen);
+        println!("      agent threads: {}", self.threads);
+        println!("      machine: {}", self.machine);
     }
 }
 
@@ -918,12 +981,7 @@ struct Throughput {
     tally: Tally,
     elapsed: Duration,
     peak_rss_kib: u64,
-    agent_cpu: String,
-    loadgen_cpu: String,
-    /// Agent CPU by thread, as % of one core.
-    agent_threads: String,
-    /// Machine-wide CPU use (other processes included).
-    machine: String,
+    cpu: CpuReport,
 }
 
 impl Throughput {
@@ -940,9 +998,7 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
         .map(|_| Request::batch(addr, args.batch))
         .collect();
     let sampler = RssSampler::start(pid);
-    let (agent_before, self_before) = (cpu_time(&pid.to_string()), cpu_time("self"));
-    let threads_before = thread_cpu(pid);
-    let machine_before = machine_ticks();
+    let cpu = CpuWindow::start(pid);
     let start = Instant::now();
     let deadline = start + args.duration;
     let tasks: Vec<_> = requests
@@ -954,24 +1010,13 @@ async fn throughput(addr: SocketAddr, pid: u32, args: &Args) -> Result<Throughpu
         tally.merge(task.await.context("load task panicked")?);
     }
     let elapsed = start.elapsed();
-    let (agent_after, self_after) = (cpu_time(&pid.to_string()), cpu_time("self"));
-    let agent_threads = thread_cpu_delta(&threads_before, &thread_cpu(pid), elapsed);
-    let ours = match (agent_before, agent_after, self_before, self_after) {
-        (Some(a0), Some(a1), Some(s0), Some(s1)) => {
-            Some(a1.saturating_sub(a0) + s1.saturating_sub(s0))
-        }
-        _ => None,
-    };
-    let machine = machine_delta(machine_before, machine_ticks(), ours);
+    let cpu = cpu.finish();
     let peak_rss_kib = sampler.finish().await;
     Ok(Throughput {
         tally,
         elapsed,
         peak_rss_kib,
-        agent_cpu: cpu_delta(agent_before, agent_after, elapsed),
-        loadgen_cpu: cpu_delta(self_before, self_after, elapsed),
-        agent_threads,
-        machine,
+        cpu,
     })
 }
 
@@ -1023,6 +1068,7 @@ struct Paced {
     elapsed: Duration,
     latency: Percentiles,
     scheduled: Percentiles,
+    cpu: CpuReport,
 }
 
 impl Paced {
@@ -1035,12 +1081,14 @@ impl Paced {
 async fn paced(
     label: &str,
     addr: SocketAddr,
+    pid: u32,
     make: impl Fn() -> Request,
     conns: usize,
     rate: f64,
     duration: Duration,
 ) -> Result<Paced> {
     let period = Duration::from_secs_f64(conns as f64 / rate);
+    let cpu = CpuWindow::start(pid);
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + duration;
     let tasks: Vec<_> = (0..conns)
@@ -1053,6 +1101,7 @@ async fn paced(
     for task in tasks {
         tally.merge(task.await.context("load task panicked")?);
     }
+    let cpu = cpu.finish();
     // Rates are over the scheduled window.
     let elapsed = duration;
     let latency = Percentiles::of(&mut tally.latency_us);
@@ -1063,6 +1112,7 @@ async fn paced(
         elapsed,
         latency,
         scheduled,
+        cpu,
     })
 }
 
@@ -1143,9 +1193,7 @@ async fn agent_phases(
         thousands(tp.requests_per_s()),
         mib(tp.peak_rss_kib)
     );
-    println!("      agent {}, loadgen {}", tp.agent_cpu, tp.loadgen_cpu);
-    println!("      agent threads: {}", tp.agent_threads);
-    println!("      machine: {}", tp.machine);
+    tp.cpu.print();
     println!("      failures: {}", tp.tally.describe_failures());
     if let Some(status) = agent.exited()? {
         bail!(
@@ -1164,6 +1212,7 @@ async fn agent_phases(
     let batch = paced(
         "/v1/batch",
         addr,
+        agent.pid,
         || Request::batch(addr, args.batch),
         4,
         batch_rate,
@@ -1182,6 +1231,7 @@ async fn agent_phases(
     let track = paced(
         "/v1/track",
         addr,
+        agent.pid,
         || Request::track(addr),
         args.track_connections,
         10_000.0,
@@ -1231,6 +1281,7 @@ fn print_paced(p: &Paced) {
         "      scheduled->ack {}; {} sends >1 ms after schedule (tokio timers tick in 1 ms steps)",
         p.scheduled, p.tally.late_sends
     );
+    p.cpu.print();
     println!("      failures: {}", p.tally.describe_failures());
 }
 
@@ -1497,7 +1548,9 @@ fn main() -> Result<()> {
         args.duration.as_secs_f64()
     );
     let pool = baseline_pool(&config_text)?;
+    let cpu = CpuWindow::start(std::process::id());
     let baseline = redb_baseline(dir.path(), &pool, args.duration)?;
+    let baseline_cpu = cpu.finish();
     println!(
         "      {} events/s ({} events in {:.2} s, {:.0} bytes/event)",
         thousands(baseline.events_per_s()),
@@ -1505,6 +1558,8 @@ fn main() -> Result<()> {
         baseline.elapsed.as_secs_f64(),
         baseline.avg_value
     );
+    println!("      cpu: loadgen {}", baseline_cpu.agent);
+    println!("      machine: {}", baseline_cpu.machine);
     let size = binary_size(&binary, dir.path())?;
 
     let r = &results;
@@ -1628,6 +1683,21 @@ fn main() -> Result<()> {
             None,
         ),
         row(
+            "other processes' CPU: ingest/batch/track/redb",
+            [
+                r.throughput.cpu.other,
+                r.batch.cpu.other,
+                r.track.cpu.other,
+                baseline_cpu.other,
+            ]
+            .iter()
+            .map(|o| o.map_or("n/a".to_owned(), |o| format!("{:.0}%", 100.0 * o)))
+            .collect::<Vec<_>>()
+            .join(" / "),
+            "~0% (quiet machine)",
+            None,
+        ),
+        row(
             "  agent startup to /health",
             format!("{:.0} ms", r.startup.as_secs_f64() * 1000.0),
             "",
@@ -1637,6 +1707,22 @@ fn main() -> Result<()> {
     println!();
     println!("SUMMARY");
     print_table(&rows);
+    let busiest = [
+        r.throughput.cpu.other,
+        r.batch.cpu.other,
+        r.track.cpu.other,
+        baseline_cpu.other,
+    ]
+    .iter()
+    .flatten()
+    .fold(0.0_f64, |a, b| a.max(*b));
+    if busiest > 0.15 {
+        println!(
+            "WARNING: other processes used up to {:.0}% of a core during the phases; \
+             throughput and latency numbers are pessimistic. Rerun on a quiet machine.",
+            100.0 * busiest
+        );
+    }
     let missed: Vec<&str> = rows
         .iter()
         .filter(|r| r.verdict == "MISS")
