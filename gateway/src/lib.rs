@@ -44,7 +44,10 @@ const DEV_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("cannot create data dir {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("dev certificates: {0}")]
     Pki(#[from] pki::PkiError),
     #[error("TLS: {0}")]
@@ -52,9 +55,15 @@ pub enum GatewayError {
     #[error("revocation list: {0}")]
     Revocation(#[from] tls::RevocationError),
     #[error("store {path}: {source}")]
-    Store { path: PathBuf, source: store::StoreError },
+    Store {
+        path: PathBuf,
+        source: store::StoreError,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("topic prefix: {0}")]
     Topics(String),
     #[error("broker: {0}")]
@@ -84,24 +93,42 @@ pub fn ensure_dev_certs(pki_dir: &Path, devices: &[String]) -> Result<(), pki::P
 }
 
 /// Runs the gateway until `shutdown`.
-pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    std::fs::create_dir_all(data_dir).map_err(|source| GatewayError::DataDir { path: data_dir.to_owned(), source })?;
+pub async fn run(
+    config: GatewayConfig,
+    data_dir: &Path,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| GatewayError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
     let pki_dir = resolve(data_dir, &config.tls.pki_dir);
     let broker_mode = config.mqtt.mode == MqttMode::Broker;
     if config.tls.create_dev_certs {
         let mut devices = config.tls.dev_devices.clone();
         // The gateway's own broker client certificate, where the default path expects it.
-        if broker_mode && config.mqtt.broker_cert.is_none() && !devices.contains(&config.mqtt.client_id) {
+        if broker_mode
+            && config.mqtt.broker_cert.is_none()
+            && !devices.contains(&config.mqtt.client_id)
+        {
             devices.push(config.mqtt.client_id.clone());
         }
         ensure_dev_certs(&pki_dir, &devices)?;
     }
     // TLS files are loaded before anything starts, so a bad path fails the start cleanly.
     let device_side = if broker_mode {
-        DeviceSide::Broker(broker::BrokerSettings::from_config(&config.mqtt, data_dir, &pki_dir)?)
+        DeviceSide::Broker(broker::BrokerSettings::from_config(
+            &config.mqtt,
+            data_dir,
+            &pki_dir,
+        )?)
     } else {
         let layout = pki::PkiDir::new(&pki_dir);
-        DeviceSide::Embedded(tls::server_config(&layout.ca_cert(), &layout.server_cert(), &layout.server_key())?)
+        DeviceSide::Embedded(tls::server_config(
+            &layout.ca_cert(),
+            &layout.server_cert(),
+            &layout.server_key(),
+        )?)
     };
     let revoked = Arc::new(match &config.tls.revoked {
         Some(p) => tls::RevocationList::load(resolve(data_dir, p))?,
@@ -111,10 +138,14 @@ pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationT
     let store_path = data_dir.join(STORE_FILE);
     let names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
     let cache = usize::try_from(config.gateway.cache_size.0).unwrap_or(usize::MAX);
-    let store = Arc::new(
-        Store::open(&store_path, cache, &names).map_err(|source| GatewayError::Store { path: store_path, source })?,
-    );
-    let topics = edge_agent::wire::Topics::new(&config.mqtt.topic_prefix).map_err(|e| GatewayError::Topics(e.to_string()))?;
+    let store = Arc::new(Store::open(&store_path, cache, &names).map_err(|source| {
+        GatewayError::Store {
+            path: store_path,
+            source,
+        }
+    })?);
+    let topics = edge_agent::wire::Topics::new(&config.mqtt.topic_prefix)
+        .map_err(|e| GatewayError::Topics(e.to_string()))?;
     let metrics = Arc::new(EndpointMetrics::default());
     let sessions = Arc::new(Sessions::default());
     let tasks = TaskTracker::new();
@@ -141,7 +172,11 @@ pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationT
     }
 
     if config.tls.revoked.is_some() {
-        let (list, every, token) = (Arc::clone(&revoked), config.tls.revocation_reload, shutdown.clone());
+        let (list, every, token) = (
+            Arc::clone(&revoked),
+            config.tls.revocation_reload,
+            shutdown.clone(),
+        );
         tasks.spawn(async move {
             loop {
                 tokio::select! {
@@ -158,7 +193,10 @@ pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationT
 
     let http = TcpListener::bind(config.http.listen)
         .await
-        .map_err(|source| GatewayError::Listen { addr: config.http.listen, source })?;
+        .map_err(|source| GatewayError::Listen {
+            addr: config.http.listen,
+            source,
+        })?;
     match device_side {
         DeviceSide::Broker(settings) => {
             info!(broker = ?config.mqtt.broker_url, http = %config.http.listen, "Gateway listening (broker mode).");
@@ -172,9 +210,12 @@ pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationT
             tasks.spawn(consumer.run(shutdown.clone()));
         }
         DeviceSide::Embedded(server_tls) => {
-            let mqtt = TcpListener::bind(config.mqtt.listen)
-                .await
-                .map_err(|source| GatewayError::Listen { addr: config.mqtt.listen, source })?;
+            let mqtt = bind_with_backlog(config.mqtt.listen, LISTEN_BACKLOG).map_err(|source| {
+                GatewayError::Listen {
+                    addr: config.mqtt.listen,
+                    source,
+                }
+            })?;
             info!(mqtt = %config.mqtt.listen, http = %config.http.listen, "Gateway listening.");
             let endpoint = Arc::new(Endpoint {
                 config: config.mqtt.clone(),
@@ -188,7 +229,11 @@ pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationT
             tasks.spawn(endpoint.run(mqtt, shutdown.clone()));
         }
     }
-    let admin = Arc::new(http::Admin { store: Arc::clone(&store), metrics, sessions });
+    let admin = Arc::new(http::Admin {
+        store: Arc::clone(&store),
+        metrics,
+        sessions,
+    });
     tasks.spawn(admin.serve(http, shutdown.clone()));
 
     shutdown.cancelled().await;
@@ -197,4 +242,19 @@ pub async fn run(config: GatewayConfig, data_dir: &Path, shutdown: CancellationT
     store.close().await;
     info!("Gateway stopped.");
     Ok(())
+}
+
+/// Pending connections the kernel may queue for the device endpoint. tokio's default
+/// (128) drops SYNs during reconnect storms, when a whole fleet comes back at once.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_with_backlog(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
