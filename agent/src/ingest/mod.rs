@@ -41,7 +41,7 @@ impl IngestError {
 }
 
 /// Parses an RFC 3339 timestamp into ms since the epoch.
-pub fn parse_timestamp(field: &str, text: &str) -> Result<i64, IngestError> {
+pub fn parse_timestamp(field: impl std::fmt::Display, text: &str) -> Result<i64, IngestError> {
     let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map_err(|e| IngestError::Malformed(format!("{field}: `{text}` is not RFC 3339 ({e})")))?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000)

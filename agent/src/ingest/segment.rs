@@ -89,14 +89,14 @@ pub fn parse(
         }
         let mut events = Vec::with_capacity(batch.batch.len());
         for (i, raw) in batch.batch.iter().enumerate() {
-            let at = format!("batch[{i}]");
+            let at = Where::Batch(i);
             check_size("an event", raw.get().len(), limits.max_event)?;
-            let msg: Message =
-                serde_json::from_str(raw.get()).map_err(|e| IngestError::json(&at, &e))?;
+            let msg: Message = serde_json::from_str(raw.get())
+                .map_err(|e| IngestError::json(&at.to_string(), &e))?;
             let kind = msg.kind.clone().ok_or_else(|| {
                 IngestError::Malformed(format!("{at}.type: missing (one of {})", CALLS.join(", ")))
             })?;
-            let mut incoming = convert(&kind, msg, &at, now_ms)?;
+            let mut incoming = convert(&kind, msg, at, now_ms)?;
             if let Some(ctx) = &batch.context {
                 incoming.event.context.merge_defaults(ctx);
             }
@@ -121,7 +121,7 @@ pub fn parse(
     check_size("the event", body.len(), limits.max_event)?;
     let msg: Message = serde_json::from_slice(body).map_err(|e| IngestError::json("body", &e))?;
     let write_key = msg.write_key.clone();
-    let incoming = convert(call, msg, "body", now_ms)?;
+    let incoming = convert(call, msg, Where::Body, now_ms)?;
     Ok(SegmentRequest {
         events: vec![incoming],
         write_key,
@@ -135,7 +135,23 @@ fn check_size(what: &'static str, size: usize, limit: u64) -> Result<(), IngestE
     Ok(())
 }
 
-fn convert(call: &str, msg: Message, at: &str, now_ms: i64) -> Result<Incoming, IngestError> {
+/// Where in the request an event sits, for error messages; formatted only on error.
+#[derive(Debug, Clone, Copy)]
+enum Where {
+    Body,
+    Batch(usize),
+}
+
+impl std::fmt::Display for Where {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Where::Body => f.write_str("body"),
+            Where::Batch(i) => write!(f, "batch[{i}]"),
+        }
+    }
+}
+
+fn convert(call: &str, msg: Message, at: Where, now_ms: i64) -> Result<Incoming, IngestError> {
     let missing = |field: &str| IngestError::Malformed(format!("{at}.{field}: missing"));
     let kind = match call {
         "track" => EventKind::Track,
@@ -192,7 +208,7 @@ fn convert(call: &str, msg: Message, at: &str, now_ms: i64) -> Result<Incoming, 
         }
     }
     if let Some(ts) = msg.timestamp.or(msg.original_timestamp) {
-        e.timestamp_ms = parse_timestamp(&format!("{at}.timestamp"), &ts)?;
+        e.timestamp_ms = parse_timestamp(format_args!("{at}.timestamp"), &ts)?;
     }
     e.properties = msg.properties.unwrap_or_default();
     if let Some(category) = msg.category {

@@ -110,6 +110,50 @@ pub struct AppendRequest {
     pub denied: u64,
 }
 
+/// One event encoded off the writer thread, with `Seq(0)` at `seq_at` (one byte).
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub lane: String,
+    pub device: String,
+    pub bytes: Vec<u8>,
+    pub seq_at: usize,
+}
+
+/// An [`AppendRequest`] with its events encoded by the caller's thread.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub encoded: Vec<Encoded>,
+    pub invalid: u64,
+    pub consent: Vec<ConsentChange>,
+    pub devices: Vec<(DeviceId, DeviceState)>,
+    pub denied: u64,
+}
+
+fn prepare(req: AppendRequest) -> Prepared {
+    let mut encoded = Vec::with_capacity(req.events.len());
+    let mut invalid = 0;
+    for mut event in req.events {
+        event.seq = Seq(0);
+        let seq_at = postcard::to_stdvec(&event.id).map(|v| v.len()).unwrap_or(0);
+        match postcard::to_stdvec(&event) {
+            Ok(bytes) => encoded.push(Encoded {
+                lane: std::mem::take(&mut event.lane),
+                device: std::mem::take(&mut event.identities.device_id.0),
+                bytes,
+                seq_at,
+            }),
+            Err(_) => invalid += 1,
+        }
+    }
+    Prepared {
+        encoded,
+        invalid,
+        consent: req.consent,
+        devices: req.devices,
+        denied: req.denied,
+    }
+}
+
 /// What an append did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppendOutcome {
@@ -213,6 +257,7 @@ impl Spool {
 
     /// Commits `req` durably; returns once it is on disk.
     pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, SpoolError> {
+        let req = prepare(req);
         self.call(|reply| Command::Append(req, reply)).await
     }
 
@@ -223,6 +268,7 @@ impl Spool {
         req: AppendRequest,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome, SpoolError>>, SpoolError> {
         let (reply, rx) = oneshot::channel();
+        let req = prepare(req);
         self.tx
             .send(Command::Append(req, reply))
             .await

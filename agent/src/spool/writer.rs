@@ -16,7 +16,7 @@ use super::stats::SpoolStats;
 use super::store::{
     decode_event, lane_def, lane_table, CONSENT, DEVICES, DEVICE_COUNTS, META, STATS_KEY,
 };
-use super::{AppendOutcome, AppendRequest, RedbResultExt, Shared, SpoolError};
+use super::{AppendOutcome, Prepared, RedbResultExt, Shared, SpoolError};
 use crate::config::WhenFull;
 use crate::model::Seq;
 
@@ -27,10 +27,7 @@ pub(crate) const MAX_GROUP: usize = 128;
 const MAX_SWEEP: usize = 10_000;
 
 pub(crate) enum Command {
-    Append(
-        AppendRequest,
-        oneshot::Sender<Result<AppendOutcome, SpoolError>>,
-    ),
+    Append(Prepared, oneshot::Sender<Result<AppendOutcome, SpoolError>>),
     Remove {
         lane: String,
         seqs: Vec<Seq>,
@@ -228,7 +225,7 @@ fn append(
     shared: &Shared,
     txn: &WriteTransaction,
     stats: &mut SpoolStats,
-    req: AppendRequest,
+    req: Prepared,
 ) -> Result<AppendOutcome, SpoolError> {
     // Consent changes are the user's decision: kept even if the events are refused.
     for change in &req.consent {
@@ -252,24 +249,20 @@ fn append(
     }
 
     let mut seq = stats.next_seq;
-    let mut encoded = Vec::with_capacity(req.events.len());
+    let mut encoded = req.encoded;
+    let invalid = req.invalid;
     let mut need: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut invalid = 0;
-    for mut event in req.events {
-        event.seq = Seq(seq);
-        match postcard::to_stdvec(&event) {
-            Ok(bytes) => {
-                seq += 1;
-                encoded.push((event, bytes));
-            }
-            Err(_) => invalid += 1,
-        }
+    let mut seqs = Vec::with_capacity(encoded.len());
+    for e in &mut encoded {
+        set_seq(&mut e.bytes, e.seq_at, seq);
+        seqs.push(seq);
+        seq += 1;
     }
-    for (event, bytes) in &encoded {
-        let Some(lane) = shared.lane(&event.lane) else {
-            return Err(SpoolError::UnknownLane(event.lane.clone()));
+    for e in &encoded {
+        let Some(lane) = shared.lane(&e.lane) else {
+            return Err(SpoolError::UnknownLane(e.lane.clone()));
         };
-        *need.entry(lane.name.as_str()).or_default() += bytes.len() as u64;
+        *need.entry(lane.name.as_str()).or_default() += e.bytes.len() as u64;
     }
     for (lane_name, &bytes) in &need {
         let Some(lane) = shared.lane(lane_name) else {
@@ -303,17 +296,19 @@ fn append(
         // One table handle per lane and request: opening a table is not free.
         let name = lane_table(lane_name);
         let mut table = txn.open_table(lane_def(&name)).spool()?;
-        for (event, bytes) in encoded.iter().filter(|(e, _)| e.lane == *lane_name) {
-            table.insert(event.seq.0, bytes.as_slice()).spool()?;
+        let (mut n, mut b) = (0u64, 0u64);
+        for (e, s) in encoded.iter().zip(&seqs) {
+            if e.lane != *lane_name {
+                continue;
+            }
+            table.insert(*s, e.bytes.as_slice()).spool()?;
+            n += 1;
+            b += e.bytes.len() as u64;
+            *per_device.entry(e.device.as_str()).or_default() += 1;
         }
-    }
-    for (event, bytes) in &encoded {
-        let level = stats.lane_mut(&event.lane);
-        level.events += 1;
-        level.bytes += bytes.len() as u64;
-        *per_device
-            .entry(event.identities.device_id.0.as_str())
-            .or_default() += 1;
+        let level = stats.lane_mut(lane_name);
+        level.events += n;
+        level.bytes += b;
     }
     let mut counts = txn.open_table(DEVICE_COUNTS).spool()?;
     for (device, n) in per_device {
@@ -453,4 +448,48 @@ fn sweep(
         }
     }
     Ok(expired)
+}
+
+/// Replaces the one-byte `Seq(0)` placeholder at `at` in a postcard-encoded event with
+/// the varint of `seq`.
+///
+/// Events are encoded on the callers' threads (the writer is the one serial stage, so
+/// it must not spend time encoding), but seqs are only known here. The placeholder is
+/// the `seq` field, right after `id` (see `Event`'s field order, which is part of the
+/// stored format); postcard writes `0u64` as the single byte `0x00`.
+fn set_seq(bytes: &mut Vec<u8>, at: usize, seq: u64) {
+    let mut varint = [0u8; 10];
+    let mut n = 0;
+    let mut v = seq;
+    loop {
+        let low = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            varint[n] = low;
+            n += 1;
+            break;
+        }
+        varint[n] = low | 0x80;
+        n += 1;
+    }
+    bytes.splice(at..at + 1, varint[..n].iter().copied());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_seq;
+    use crate::model::{Event, EventKind, Seq, Source};
+
+    #[test]
+    fn splicing_the_seq_equals_encoding_with_it() {
+        for seq in [1, 127, 128, 300, 1 << 40, u64::MAX] {
+            let mut e = Event::new(EventKind::Track, Source::Local, 42);
+            e.name = Some("n".into());
+            let at = postcard::to_stdvec(&e.id).unwrap().len();
+            let mut bytes = postcard::to_stdvec(&e).unwrap();
+            set_seq(&mut bytes, at, seq);
+            e.seq = Seq(seq);
+            assert_eq!(bytes, postcard::to_stdvec(&e).unwrap(), "seq {seq}");
+        }
+    }
 }
