@@ -30,10 +30,29 @@
 //!    the client's request queue (`4 × max_in_flight` and some) never makes them wait
 //!    for the event loop.
 //!
-//! A broker's PUBACK is not the device's guarantee: the agent forgets events only on
-//! the gateway's `Ack` (DESIGN §3.2). So a message whose commit failed is acknowledged
-//! to the broker all the same (holding it would only block a receive slot until the
-//! next reconnect) and the agent sends its batch again after its ack timeout.
+//! What the broker does for us (Mosquitto 2.0, checked against 2.0.11's source and
+//! `tests/tests/broker.rs`):
+//! - While the gateway is away its session (clean start off, until
+//!   `broker_session_expiry`) keeps its subscriptions, the messages it was sent and
+//!   has not acknowledged, and those that arrive meanwhile. On reconnect the broker
+//!   sends the unacknowledged ones again (DUP, same packet ids), then the rest: what
+//!   invariant 1 relies on.
+//! - A shared subscription hands each message to one member's session, connected or
+//!   not. A message stays with that member: it is neither given to another member of
+//!   the group while this one is away nor when its session expires (then it is gone).
+//!
+//! What it does not do: keep a message that matches no subscription when it arrives.
+//! Uplink published before the gateway's session has subscribed is dropped, though
+//! the device got its PUBACK (an MQTT 5 device: "no matching subscribers"): on the
+//! first start against a broker (`/health` answers before the SUBSCRIBE is through),
+//! after the session expired, after the broker lost its state (a crash since its last
+//! autosave). So is a message past the session's `max_queued_messages`.
+//!
+//! So a broker's PUBACK is not the device's guarantee: the agent forgets events only
+//! on the gateway's `Ack` (DESIGN §3.2) and resends what is not acked within its ack
+//! timeout, which recovers all of the above. For the same reason a message whose
+//! commit failed is acknowledged to the broker all the same (holding it would only
+//! block a receive slot until the next reconnect) and the agent sends it again.
 //!
 //! This module must not take identity from a payload, and must not answer a device
 //! before the commit.

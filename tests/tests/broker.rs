@@ -25,16 +25,41 @@ use rumqttc::{TlsConfiguration, Transport};
 
 const DEVICE: &str = "dev-1";
 const INTRUDER: &str = "dev-2";
+/// A device of its own that only checks the gateway's subscriptions (`wait_subscribed`).
+const PROBE: &str = "probe";
 
 /// A gateway in broker mode and its Mosquitto, both running, with certificates for
-/// `DEVICE` and `INTRUDER`. `gateway_mqtt` adds `[mqtt]` keys.
+/// `DEVICE` and `INTRUDER`, and the gateway's shared subscriptions in place (see
+/// `wait_subscribed`). `gateway_mqtt` adds `[mqtt]` keys.
 fn broker_site(gateway_mqtt: &str) -> (Gateway, Mosquitto) {
-    let mut gw = Gateway::new(&[DEVICE, INTRUDER], "");
+    let mut gw = Gateway::new(&[DEVICE, INTRUDER, PROBE], "");
     let mut broker = Mosquitto::new(&gw);
     broker.configure_gateway(&gw, gateway_mqtt);
     broker.start();
     gw.start();
+    wait_subscribed(&gw, &broker);
     (gw, broker)
+}
+
+/// Waits until the broker routes device uplink to the gateway. The gateway answers
+/// `/health` before its first SUBSCRIBE reaches the broker, and until then Mosquitto
+/// drops every uplink message: there is no subscription, so no session to keep it in,
+/// and the publisher still gets its PUBACK. Only the agent's resend after its ack
+/// timeout recovers those (see `gateway/src/broker.rs`), so a test that rules resends
+/// out must not let the agent publish earlier. A hello answered proves both filters:
+/// the gateway subscribes `/up` before `/hello` on one connection, and the broker
+/// handles them in order. From then on the gateway's persistent session holds them.
+fn wait_subscribed(gw: &Gateway, broker: &Mosquitto) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let probe = Mqtt::connect(&rt, broker, &gw.pki(), PROBE, PROBE);
+    let down = format!("edge/{PROBE}/down");
+    probe.subscribe(&[&down]);
+    let reply = probe.request(&format!("edge/{PROBE}/hello"), hello(PROBE), &down);
+    assert!(matches!(
+        wire::decode_downlink(&reply, 1 << 20).unwrap(),
+        Downlink::HelloReply { .. }
+    ));
+    probe.client.try_disconnect().unwrap();
 }
 
 /// `broker_site` plus an agent for `DEVICE`; `uplink` replaces keys of its `[uplink]`.
@@ -209,7 +234,9 @@ fn mosquitto_restarted_under_load_loses_and_duplicates_nothing() {
 /// The agent's ack timeout is far beyond the test's deadline, so the agent never resends:
 /// whatever the killed gateway had received but not committed must come back from its
 /// persistent session at the broker (the PUBACK waits for the commit), and what was
-/// published while it was down must wait there.
+/// published while it was down must wait there. That is what the broker guarantees
+/// once the session has its subscriptions, which `broker_site` waits for; uplink
+/// published before that is dropped by the broker and only a resend recovers it.
 #[test]
 #[ignore = "needs mosquitto (tests/run-all installs it)"]
 fn a_killed_gateway_gets_its_uncommitted_uplink_again_from_its_broker_session() {
