@@ -149,7 +149,7 @@ fn gateway_killed_ten_times_under_load_loses_and_duplicates_nothing() {
 
 #[test]
 fn events_queued_while_the_gateway_is_away_arrive_once_it_is_back() {
-    let (mut gw, agent) = site("");
+    let (mut gw, mut agent) = site("");
     let auth = basic("test-key", "");
     let (first, body) = batch_body("online", 100);
     assert_eq!(
@@ -170,6 +170,10 @@ fn events_queued_while_the_gateway_is_away_arrive_once_it_is_back() {
     let status = agent.status();
     assert_eq!(status["uplink"]["connected"], false);
     assert_eq!(status["totals"]["queued"], 2000, "{status}");
+    // The agent itself goes down with its backlog and comes back before the gateway.
+    agent.stop_kill();
+    agent.start();
+    assert_eq!(agent.status()["totals"]["queued"], 2000);
     gw.start();
     wait_drained(&agent, &gw, acked.len(), Duration::from_secs(60));
     assert_exactly_once(&gw, &acked);
