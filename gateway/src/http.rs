@@ -139,6 +139,11 @@ impl Admin {
                 "Events received again and ignored.",
                 &m.events_duplicate,
             ),
+            (
+                "edge_gateway_uplink_bytes_total",
+                "Uplink frame payload bytes received (compressed, before decoding).",
+                &m.uplink_bytes,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -146,6 +151,11 @@ impl Admin {
                 v.load(Ordering::Relaxed)
             );
         }
+        m.event_latency.render(
+            &mut out,
+            "edge_gateway_event_latency_seconds",
+            "Agent HTTP accept to gateway inbox commit of new events (agent time moved to the gateway clock by the batch's skew).",
+        );
         let _ = writeln!(out, "# HELP edge_gateway_devices_connected Devices connected now.\n# TYPE edge_gateway_devices_connected gauge\nedge_gateway_devices_connected {}", self.sessions.connected());
         if let Ok(n) = self.store.inbox_len() {
             let _ = writeln!(out, "# HELP edge_gateway_inbox_events Events in the inbox.\n# TYPE edge_gateway_inbox_events gauge\nedge_gateway_inbox_events {n}");

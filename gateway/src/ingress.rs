@@ -7,6 +7,14 @@
 //! This module must not decide where an answer goes or when the transport's own
 //! acknowledgement (PUBACK) is sent: that is the caller's, and both callers send them
 //! only after the commit awaited here. It touches no socket; its only I/O is the store.
+//!
+//! Metrics kept here, so both paths count alike: uplink payload bytes (every frame,
+//! before decoding) and, after each commit, the latency of every newly stored event:
+//! gateway commit time minus the agent's accept time (`event.received_ms`) moved to the
+//! gateway's clock by the batch's skew (`received_ms - sent_at_ms`, see the store). That
+//! skew includes the frame's one-way transit, so the figure covers the agent (HTTP
+//! accept, spool, linger, window) and the gateway (queueing, commit), not the time on
+//! the wire; it is in whole milliseconds.
 
 use std::sync::atomic::Ordering;
 
@@ -55,6 +63,9 @@ pub fn verify_batch(
     payload: &[u8],
     max_frame: usize,
 ) -> Result<UplinkBatch, FrameRejected> {
+    metrics
+        .uplink_bytes
+        .fetch_add(payload.len() as u64, Ordering::Relaxed);
     let reason = match wire::decode_batch(payload, max_frame) {
         Ok(batch) if batch.device == *sender => return Ok(batch),
         Ok(batch) => format!("the frame names device `{}`", batch.device),
@@ -72,6 +83,13 @@ pub async fn commit_batch(
     batch: UplinkBatch,
 ) -> Result<Vec<u8>, IngressError> {
     let receipt = store.receive(sender.clone(), batch, now_ms()).await?;
+    let committed_ms = now_ms();
+    metrics.event_latency.observe_ms(
+        receipt
+            .accepted_ms
+            .iter()
+            .map(|accepted| committed_ms.saturating_sub(*accepted)),
+    );
     metrics.batches_received.fetch_add(1, Ordering::Relaxed);
     metrics
         .events_stored
@@ -178,15 +196,10 @@ mod tests {
     async fn a_batch_is_committed_then_acked_and_a_resend_is_acked_as_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let (store, metrics) = (store(&dir), EndpointMetrics::default());
-        let frame = handle_batch(
-            &store,
-            &metrics,
-            &dev("d1"),
-            &batch("d1", &[1, 2, 3]),
-            1 << 20,
-        )
-        .await
-        .unwrap();
+        let (first, second) = (batch("d1", &[1, 2, 3]), batch("d1", &[1, 2, 3]));
+        let frame = handle_batch(&store, &metrics, &dev("d1"), &first, 1 << 20)
+            .await
+            .unwrap();
         let ack = wire::decode_ack(&frame, 1 << 20).unwrap();
         assert_eq!(ack.device, dev("d1"));
         assert_eq!(
@@ -198,19 +211,23 @@ mod tests {
         );
         assert_eq!(store.inbox_len().unwrap(), 3);
 
-        let again = handle_batch(
-            &store,
-            &metrics,
-            &dev("d1"),
-            &batch("d1", &[1, 2, 3]),
-            1 << 20,
-        )
-        .await
-        .unwrap();
+        let again = handle_batch(&store, &metrics, &dev("d1"), &second, 1 << 20)
+            .await
+            .unwrap();
         assert_eq!(wire::decode_ack(&again, 1 << 20).unwrap().acked, ack.acked);
         assert_eq!(store.inbox_len().unwrap(), 3);
         assert_eq!(metrics.events_stored.load(Ordering::Relaxed), 3);
         assert_eq!(metrics.events_duplicate.load(Ordering::Relaxed), 3);
+        let frames = (first.len() + second.len()) as u64;
+        assert_eq!(metrics.uplink_bytes.load(Ordering::Relaxed), frames);
+        let mut text = String::new();
+        metrics.event_latency.render(&mut text, "lat", "");
+        assert!(
+            text.contains("lat_count 3\n"),
+            "only the new events are timed: {text}"
+        );
+        // Accepted at `sent_at`, so only the gateway's queueing and commit count.
+        assert!(text.contains("lat_bucket{le=\"1\"} 3\n"), "{text}");
         store.close().await;
     }
 

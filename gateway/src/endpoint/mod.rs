@@ -39,11 +39,72 @@ pub struct EndpointMetrics {
     pub batches_received: AtomicU64,
     pub events_stored: AtomicU64,
     pub events_duplicate: AtomicU64,
+    /// Payload bytes of uplink frames received (as sent: compressed, before decoding).
+    pub uplink_bytes: AtomicU64,
+    /// Agent accept → gateway commit of every newly stored event (see [`crate::ingress`]).
+    pub event_latency: LatencyHistogram,
 }
 
 impl EndpointMetrics {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Upper bounds, in microseconds, of [`LatencyHistogram`]'s buckets (0.5 ms to 10 s);
+/// `+Inf` follows.
+pub const LATENCY_BUCKETS_US: [u64; 19] = [
+    500, 1_000, 2_000, 3_000, 5_000, 7_500, 10_000, 15_000, 20_000, 30_000, 50_000, 75_000,
+    100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A Prometheus histogram of latencies, lock-free: one atomic counter per bucket
+/// (not cumulative; the last is `+Inf`) and the sum. Readers may see a batch's
+/// observations half applied; each counter is exact.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records latencies given in milliseconds (negative ones, from clock steps, as 0).
+    pub fn observe_ms(&self, values: impl IntoIterator<Item = i64>) {
+        let mut counts = [0u64; LATENCY_BUCKETS_US.len() + 1];
+        let mut sum_us = 0u64;
+        for ms in values {
+            let us = u64::try_from(ms).unwrap_or(0).saturating_mul(1000);
+            let at = LATENCY_BUCKETS_US.partition_point(|bound| *bound < us);
+            counts[at] += 1;
+            sum_us = sum_us.saturating_add(us);
+        }
+        for (bucket, n) in self.buckets.iter().zip(counts) {
+            if n > 0 {
+                bucket.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.sum_us.fetch_add(sum_us, Ordering::Relaxed);
+    }
+
+    /// Appends the histogram in the Prometheus text format (seconds).
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            match LATENCY_BUCKETS_US.get(i) {
+                Some(us) => {
+                    let le = *us as f64 / 1e6;
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
     }
 }
 
@@ -60,7 +121,9 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint").field("listen", &self.config.listen).finish_non_exhaustive()
+        f.debug_struct("Endpoint")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,5 +163,37 @@ impl Endpoint {
         }
         tracker.close();
         tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latency_histogram_renders_cumulative_prometheus_buckets() {
+        let h = LatencyHistogram::default();
+        h.observe_ms([0, 1, 4, 10, 11, 60_000, -3]);
+        let mut out = String::new();
+        h.render(&mut out, "lat", "help");
+        let line = |le: &str| {
+            out.lines()
+                .find(|l| l.starts_with(&format!("lat_bucket{{le=\"{le}\"}} ")))
+                .unwrap_or_else(|| panic!("no bucket {le} in {out}"))
+                .rsplit(' ')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(line("0.0005"), "2", "0 ms and the clamped -3 ms");
+        assert_eq!(line("0.001"), "3");
+        assert_eq!(line("0.005"), "4");
+        assert_eq!(line("0.01"), "5", "le is inclusive");
+        assert_eq!(line("0.015"), "6");
+        assert_eq!(line("10"), "6");
+        assert_eq!(line("+Inf"), "7");
+        assert!(out.contains("# TYPE lat histogram"), "{out}");
+        assert!(out.contains("lat_sum 60.026\n"), "{out}");
+        assert!(out.contains("lat_count 7\n"), "{out}");
     }
 }

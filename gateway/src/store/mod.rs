@@ -44,6 +44,8 @@ const NEXT_INBOX: &str = "next_inbox";
 pub const STORE_QUEUE_DEPTH: usize = 1024;
 /// Most commands folded into one commit.
 const MAX_GROUP: usize = 256;
+/// Most inbox entries pruned by one commit.
+const MAX_PRUNE: u64 = 10_000;
 
 /// Why a store operation failed. Cloneable: one failed commit answers many waiters.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -123,6 +125,10 @@ pub struct Receipt {
     pub rejected: Vec<Rejected>,
     pub stored: usize,
     pub duplicates: usize,
+    /// For each newly stored event: when its agent accepted it, in gateway time
+    /// (`event.received_ms` plus the batch's clock skew, which includes the one-way
+    /// transit). Feeds the end-to-end latency histogram.
+    pub accepted_ms: Vec<i64>,
 }
 
 enum Command {
@@ -500,6 +506,7 @@ fn receive(
         rejected: Vec::new(),
         stored: 0,
         duplicates: 0,
+        accepted_ms: Vec::new(),
     };
     {
         let mut inbox = txn.open_table(INBOX).st()?;
@@ -513,6 +520,9 @@ fn receive(
                 continue;
             }
             if dedup.admit(seq.0) {
+                receipt
+                    .accepted_ms
+                    .push(event.received_ms.saturating_add(skew));
                 let record = InboxRecord {
                     sender: sender.clone(),
                     received_ms,
@@ -572,15 +582,65 @@ fn prune_inbox(shared: &Shared, txn: &WriteTransaction) -> Result<(), StoreError
     };
     drop(done);
     let mut inbox = txn.open_table(INBOX).st()?;
-    // Bounded per commit so one prune never makes a long transaction.
-    for _ in 0..10_000 {
-        let first = inbox.first().st()?.map(|(k, _)| k.value());
-        match first {
-            Some(k) if k <= min => {
-                inbox.remove(k).st()?;
-            }
-            _ => break,
+    let first = inbox.first().st()?.map(|(k, _)| k.value());
+    let Some(first) = first.filter(|k| *k <= min) else {
+        return Ok(());
+    };
+    // Bounded per commit so one prune never makes a long transaction. One range
+    // pass: cheaper than a lookup and a removal per entry.
+    let last = min.min(first.saturating_add(MAX_PRUNE - 1));
+    inbox.retain_in(first..=last, |_, _| false).st()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_agent::model::{EventKind, Source};
+
+    fn batch(first: u64, n: u64) -> UplinkBatch {
+        let events = (first..first + n)
+            .map(|s| {
+                let mut e = Event::new(EventKind::Track, Source::Local, 1_700_000_000_000);
+                e.seq = Seq(s);
+                e.lane = "default".into();
+                e
+            })
+            .collect();
+        UplinkBatch {
+            device: DeviceId("d1".into()),
+            lane: "default".into(),
+            floor: Seq(first),
+            sent_at_ms: 1_700_000_000_000,
+            drops: Drops::default(),
+            events,
         }
     }
-    Ok(())
+
+    #[tokio::test]
+    async fn entries_every_destination_is_done_with_are_pruned_at_most_ten_thousand_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &dir.path().join("g.redb"),
+            1 << 20,
+            &["a".into(), "b".into()],
+        )
+        .unwrap();
+        let receipt = store
+            .receive(DeviceId("d1".into()), batch(1, 12_000), 1_700_000_000_005)
+            .await
+            .unwrap();
+        assert_eq!(receipt.stored, 12_000);
+        assert_eq!(receipt.accepted_ms.len(), 12_000);
+        assert_eq!(receipt.accepted_ms[0], 1_700_000_000_005, "skew applied");
+        store.save_cursor("a", vec![], 12_000).await.unwrap();
+        assert_eq!(store.inbox_len().unwrap(), 12_000, "`b` still needs them");
+        store.save_cursor("b", vec![], 11_000).await.unwrap();
+        // That commit pruned up to 10,000 entries; the next one goes on to 11,000.
+        assert_eq!(store.inbox_len().unwrap(), 2_000);
+        store.save_cursor("b", vec![], 11_000).await.unwrap();
+        assert_eq!(store.inbox_len().unwrap(), 1_000);
+        let rest = store.read_inbox(0, 10).unwrap();
+        assert_eq!(rest.first().map(|r| r.0), Some(11_001));
+        store.close().await;
+    }
 }
