@@ -15,13 +15,20 @@ use serde::{Deserialize, Deserializer};
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The file is not valid TOML or does not match the schema.
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     /// A value is out of range or inconsistent with another.
     #[error("invalid config value `{key}` in {path}: {message}")]
-    Invalid { path: PathBuf, key: String, message: String },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -73,7 +80,10 @@ fn default_cache() -> ByteSize {
 
 impl Default for GatewaySection {
     fn default() -> Self {
-        Self { data_dir: default_data_dir(), cache_size: default_cache() }
+        Self {
+            data_dir: default_data_dir(),
+            cache_size: default_cache(),
+        }
     }
 }
 
@@ -174,7 +184,10 @@ pub enum MqttMode {
 impl MqttConfig {
     /// The broker's host and port from `broker_url`.
     pub fn broker_address(&self) -> Result<(String, u16), String> {
-        let url = self.broker_url.as_deref().ok_or("required when mode = \"broker\"")?;
+        let url = self
+            .broker_url
+            .as_deref()
+            .ok_or("required when mode = \"broker\"")?;
         parse_broker_url(url)
     }
 }
@@ -186,7 +199,10 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() || port == 0 || host.contains(['/', '@', '?', '#', ' ']) {
         return Err(bad());
     }
@@ -316,7 +332,9 @@ fn default_http_listen() -> SocketAddr {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_http_listen() }
+        Self {
+            listen: default_http_listen(),
+        }
     }
 }
 
@@ -356,15 +374,19 @@ pub enum DestinationKind {
 impl GatewayConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: GatewayConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let config: GatewayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -381,32 +403,52 @@ impl GatewayConfig {
             return Err(bad("mqtt.max_connections", "must be at least 1".into()));
         }
         if self.mqtt.max_packet_size.0 < 1024 || self.mqtt.max_packet_size.0 > 256 << 20 {
-            return Err(bad("mqtt.max_packet_size", "must be between 1KiB and 256MiB".into()));
+            return Err(bad(
+                "mqtt.max_packet_size",
+                "must be between 1KiB and 256MiB".into(),
+            ));
         }
         if self.mqtt.device_events_per_second == 0 {
-            return Err(bad("mqtt.device_events_per_second", "must be at least 1".into()));
+            return Err(bad(
+                "mqtt.device_events_per_second",
+                "must be at least 1".into(),
+            ));
         }
         if self.mqtt.mode == MqttMode::Broker {
             self.validate_broker(path)?;
         }
         for id in &self.tls.dev_devices {
             if !edge_agent::config::valid_device_id(id) {
-                return Err(bad("tls.dev_devices", format!("`{id}` is not a valid device id")));
+                return Err(bad(
+                    "tls.dev_devices",
+                    format!("`{id}` is not a valid device id"),
+                ));
             }
         }
         let mut names = std::collections::HashSet::new();
         for d in &self.destinations {
             let ok = !d.name.is_empty()
                 && d.name.len() <= 64
-                && d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                && d.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
             if !ok {
-                return Err(bad("destinations.name", format!("`{}`: use letters, digits, `-`, `_`", d.name)));
+                return Err(bad(
+                    "destinations.name",
+                    format!("`{}`: use letters, digits, `-`, `_`", d.name),
+                ));
             }
             if !names.insert(d.name.as_str()) {
-                return Err(bad("destinations.name", format!("`{}` is repeated", d.name)));
+                return Err(bad(
+                    "destinations.name",
+                    format!("`{}` is repeated", d.name),
+                ));
             }
             if d.kind == DestinationKind::File && d.dir.is_none() {
-                return Err(bad("destinations.dir", format!("destination `{}` needs a dir", d.name)));
+                return Err(bad(
+                    "destinations.dir",
+                    format!("destination `{}` needs a dir", d.name),
+                ));
             }
         }
         Ok(())
@@ -426,23 +468,38 @@ impl GatewayConfig {
             && m.shared_group.len() <= 128
             && !m.shared_group.contains(['/', '+', '#', '\0']);
         if !group_ok {
-            return Err(bad("mqtt.shared_group", "use 1-128 characters other than `/`, `+`, `#`".into()));
+            return Err(bad(
+                "mqtt.shared_group",
+                "use 1-128 characters other than `/`, `+`, `#`".into(),
+            ));
         }
         // The device id rule: it may be a certificate CN, a file name and a topic level.
         if !edge_agent::config::valid_device_id(&m.client_id) {
-            return Err(bad("mqtt.client_id", "use 1-128 characters of A-Z a-z 0-9 . _ : -".into()));
+            return Err(bad(
+                "mqtt.client_id",
+                "use 1-128 characters of A-Z a-z 0-9 . _ : -".into(),
+            ));
         }
         let expiry = m.broker_session_expiry;
         if expiry < Duration::from_secs(1) || expiry.as_secs() > u64::from(u32::MAX) {
-            return Err(bad("mqtt.broker_session_expiry", "must be between 1s and 136 years".into()));
+            return Err(bad(
+                "mqtt.broker_session_expiry",
+                "must be between 1s and 136 years".into(),
+            ));
         }
         // rumqttc panics on a keep-alive under 5 s; MQTT carries it as u16 seconds.
         let keep_alive = m.broker_keep_alive;
         if keep_alive < Duration::from_secs(5) || keep_alive.as_secs() > u64::from(u16::MAX) {
-            return Err(bad("mqtt.broker_keep_alive", "must be between 5s and 18h".into()));
+            return Err(bad(
+                "mqtt.broker_keep_alive",
+                "must be between 5s and 18h".into(),
+            ));
         }
         if m.broker_max_in_flight == 0 {
-            return Err(bad("mqtt.broker_max_in_flight", "must be at least 1".into()));
+            return Err(bad(
+                "mqtt.broker_max_in_flight",
+                "must be at least 1".into(),
+            ));
         }
         if m.broker_backoff_min.is_zero() || m.broker_backoff_min > m.broker_backoff_max {
             return Err(bad(
@@ -488,12 +545,32 @@ mod tests {
 
     #[test]
     fn broker_mode_needs_an_mqtts_url_with_a_port() {
-        assert_eq!(invalid_key("[mqtt]\nmode = \"broker\"\n"), "mqtt.broker_url");
-        for url in ["mqtt://h:1883", "mqtts://h", "mqtts://:8883", "mqtts://h:0", "mqtts://h:x", "h:8883"] {
-            assert_eq!(invalid_key(&format!("[mqtt]\nmode = \"broker\"\nbroker_url = \"{url}\"\n")), "mqtt.broker_url", "{url}");
+        assert_eq!(
+            invalid_key("[mqtt]\nmode = \"broker\"\n"),
+            "mqtt.broker_url"
+        );
+        for url in [
+            "mqtt://h:1883",
+            "mqtts://h",
+            "mqtts://:8883",
+            "mqtts://h:0",
+            "mqtts://h:x",
+            "h:8883",
+        ] {
+            assert_eq!(
+                invalid_key(&format!(
+                    "[mqtt]\nmode = \"broker\"\nbroker_url = \"{url}\"\n"
+                )),
+                "mqtt.broker_url",
+                "{url}"
+            );
         }
-        let config = parse("[mqtt]\nmode = \"broker\"\nbroker_url = \"mqtts://[::1]:8883/\"\n").unwrap();
-        assert_eq!(config.mqtt.broker_address().unwrap(), ("::1".to_owned(), 8883));
+        let config =
+            parse("[mqtt]\nmode = \"broker\"\nbroker_url = \"mqtts://[::1]:8883/\"\n").unwrap();
+        assert_eq!(
+            config.mqtt.broker_address().unwrap(),
+            ("::1".to_owned(), 8883)
+        );
     }
 
     #[test]
@@ -505,11 +582,17 @@ mod tests {
             ("shared_group = \"\"", "mqtt.shared_group"),
             ("shared_group = \"g+\"", "mqtt.shared_group"),
             ("client_id = \"gw/1\"", "mqtt.client_id"),
-            ("broker_session_expiry = \"0s\"", "mqtt.broker_session_expiry"),
+            (
+                "broker_session_expiry = \"0s\"",
+                "mqtt.broker_session_expiry",
+            ),
             ("broker_keep_alive = \"1s\"", "mqtt.broker_keep_alive"),
             ("broker_keep_alive = \"19h\"", "mqtt.broker_keep_alive"),
             ("broker_max_in_flight = 0", "mqtt.broker_max_in_flight"),
-            ("broker_backoff_min = \"1m\"\nbroker_backoff_max = \"1s\"", "mqtt.broker_backoff_min"),
+            (
+                "broker_backoff_min = \"1m\"\nbroker_backoff_max = \"1s\"",
+                "mqtt.broker_backoff_min",
+            ),
         ] {
             assert_eq!(invalid_key(&format!("{broker}{line}\n")), key, "{line}");
         }
@@ -518,6 +601,9 @@ mod tests {
 
     #[test]
     fn an_unknown_mode_is_a_parse_error() {
-        assert!(matches!(parse("[mqtt]\nmode = \"cluster\"\n"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            parse("[mqtt]\nmode = \"cluster\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

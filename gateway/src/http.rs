@@ -71,6 +71,9 @@ impl Admin {
                         "rejected": rec.rejected,
                         "frames_rejected": rec.frames_rejected,
                         "clock_skew_ms": rec.clock_skew_ms,
+                        "lanes": rec.lanes.iter().map(|l| serde_json::json!({
+                            "lane": l.lane, "high_water": l.high_water, "floor": l.floor,
+                        })).collect::<Vec<_>>(),
                         "agent_drops": rec.drops.by_reason().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                     }),
                 ),

@@ -104,6 +104,8 @@ fn hundred_thousand_events_arrive_exactly_once_with_fields_intact() {
         .unwrap()
         .json();
     assert_eq!(device["events"], 100_000);
+    assert_eq!(device["lanes"][0]["lane"], "default");
+    assert_eq!(device["lanes"][0]["high_water"], 100_000, "{device}");
 }
 
 #[test]

@@ -6,8 +6,8 @@ use bytes::{Bytes, BytesMut};
 use edge_agent::model::DeviceId;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
-    Codec, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode,
-    UnsubAck,
+    Codec, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as MqttError, QoS};
 use tokio::net::TcpStream;
@@ -52,23 +52,39 @@ pub enum ConnError {
 
 type Conn = Framed<tokio_rustls::server::TlsStream<TcpStream>, DeviceCodec>;
 
-pub(super) async fn serve(ep: &Endpoint, stream: TcpStream, shutdown: CancellationToken) -> Result<(), ConnError> {
-    let tls = match tokio::time::timeout(ep.config.handshake_timeout, ep.acceptor.accept(stream)).await {
-        Err(_) => {
-            EndpointMetrics::inc(&ep.metrics.handshakes_failed);
-            return Err(ConnError::HandshakeTimeout);
-        }
-        Ok(Err(e)) => {
-            EndpointMetrics::inc(&ep.metrics.handshakes_failed);
-            return Err(ConnError::Handshake(e));
-        }
-        Ok(Ok(s)) => s,
-    };
+pub(super) async fn serve(
+    ep: &Endpoint,
+    stream: TcpStream,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError> {
+    let tls =
+        match tokio::time::timeout(ep.config.handshake_timeout, ep.acceptor.accept(stream)).await {
+            Err(_) => {
+                EndpointMetrics::inc(&ep.metrics.handshakes_failed);
+                return Err(ConnError::HandshakeTimeout);
+            }
+            Ok(Err(e)) => {
+                EndpointMetrics::inc(&ep.metrics.handshakes_failed);
+                return Err(ConnError::Handshake(e));
+            }
+            Ok(Ok(s)) => s,
+        };
     let device = peer_device_id(tls.get_ref().1).map_err(|e| ConnError::Identity(e.to_string()))?;
     let max = usize::try_from(ep.config.max_packet_size.0).unwrap_or(usize::MAX);
-    let mut conn: Conn = Framed::new(tls, DeviceCodec(Codec { max_incoming_size: max, max_outgoing_size: max }));
+    let mut conn: Conn = Framed::new(
+        tls,
+        DeviceCodec(Codec {
+            max_incoming_size: max,
+            max_outgoing_size: max,
+        }),
+    );
 
-    let refuse = |code| Packet::ConnAck(ConnAck { session_present: false, code });
+    let refuse = |code| {
+        Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+        })
+    };
     let first = tokio::time::timeout(ep.config.connect_timeout, conn.next()).await;
     let connect = match first {
         Err(_) => return Err(ConnError::ConnectTimeout),
@@ -77,7 +93,9 @@ pub(super) async fn serve(ep: &Endpoint, stream: TcpStream, shutdown: Cancellati
         // MQTT 3.1.1 §3.1.2.2 [MQTT-3.1.2-2]; MQTT 5 and 3.1 clients read it too.
         Ok(Some(Err(MqttError::InvalidProtocol | MqttError::InvalidProtocolLevel(_)))) => {
             EndpointMetrics::inc(&ep.metrics.connects_refused);
-            let _ = conn.send(refuse(ConnectReturnCode::RefusedProtocolVersion)).await;
+            let _ = conn
+                .send(refuse(ConnectReturnCode::RefusedProtocolVersion))
+                .await;
             return Err(ConnError::UnsupportedProtocol);
         }
         Ok(Some(Err(e))) => return Err(ConnError::Protocol(e.to_string())),
@@ -86,7 +104,10 @@ pub(super) async fn serve(ep: &Endpoint, stream: TcpStream, shutdown: Cancellati
     if connect.client_id != device.0 {
         EndpointMetrics::inc(&ep.metrics.connects_refused);
         let _ = conn.send(refuse(ConnectReturnCode::BadClientId)).await;
-        return Err(ConnError::ClientIdMismatch { client_id: connect.client_id, device: device.0 });
+        return Err(ConnError::ClientIdMismatch {
+            client_id: connect.client_id,
+            device: device.0,
+        });
     }
     if ep.revoked.is_revoked(&device) {
         EndpointMetrics::inc(&ep.metrics.connects_refused);
@@ -101,16 +122,26 @@ pub(super) async fn serve(ep: &Endpoint, stream: TcpStream, shutdown: Cancellati
     // We keep no MQTT session state between connections: the agent's spool and the
     // hello exchange carry everything, so `session_present` is always false and the
     // client subscribes again (MQTT 3.1.1 §3.2.2.2).
-    conn.send(Packet::ConnAck(ConnAck { session_present: false, code: ConnectReturnCode::Success }))
-        .await
-        .map_err(|e| ConnError::Protocol(e.to_string()))?;
+    conn.send(Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::Success,
+    }))
+    .await
+    .map_err(|e| ConnError::Protocol(e.to_string()))?;
     info!(device = %device, "Device connected.");
 
     let keep_alive = match connect.keep_alive {
         0 => Duration::from_secs(24 * 3600),
         s => Duration::from_millis(u64::from(s) * 1500),
     };
-    let mut session = Session { ep, device: device.clone(), pkid: 0, subscribed_ack: false, subscribed_down: false, bucket: Bucket::new(ep.config.device_events_per_second) };
+    let mut session = Session {
+        ep,
+        device: device.clone(),
+        pkid: 0,
+        subscribed_ack: false,
+        subscribed_down: false,
+        bucket: Bucket::new(ep.config.device_events_per_second),
+    };
     let result = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
@@ -157,15 +188,27 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn publish(&mut self, conn: &mut Conn, topic: &str, payload: Vec<u8>) -> Result<(), ConnError> {
+    async fn publish(
+        &mut self,
+        conn: &mut Conn,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), ConnError> {
         self.pkid = self.pkid.checked_add(1).unwrap_or(1).max(1);
         let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
         p.pkid = self.pkid;
-        conn.send(Packet::Publish(p)).await.map_err(|e| ConnError::Protocol(e.to_string()))
+        conn.send(Packet::Publish(p))
+            .await
+            .map_err(|e| ConnError::Protocol(e.to_string()))
     }
 
     /// Handles one packet; `Ok(false)` ends the connection cleanly.
-    async fn handle(&mut self, conn: &mut Conn, topics: &edge_agent::wire::DeviceTopics, packet: Packet) -> Result<bool, ConnError> {
+    async fn handle(
+        &mut self,
+        conn: &mut Conn,
+        topics: &edge_agent::wire::DeviceTopics,
+        packet: Packet,
+    ) -> Result<bool, ConnError> {
         match packet {
             Packet::Publish(p) => {
                 let pkid = p.pkid;
@@ -176,7 +219,10 @@ impl Session<'_> {
                     self.hello(conn, topics, &p.payload).await?;
                 } else {
                     EndpointMetrics::inc(&self.ep.metrics.topic_violations);
-                    return Err(ConnError::Topic { device: self.device.0.clone(), topic: p.topic });
+                    return Err(ConnError::Topic {
+                        device: self.device.0.clone(),
+                        topic: p.topic,
+                    });
                 }
                 let reply = match qos {
                     QoS::AtMostOnce => None,
@@ -187,7 +233,9 @@ impl Session<'_> {
                     QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(pkid))),
                 };
                 if let Some(reply) = reply {
-                    conn.send(reply).await.map_err(|e| ConnError::Protocol(e.to_string()))?;
+                    conn.send(reply)
+                        .await
+                        .map_err(|e| ConnError::Protocol(e.to_string()))?;
                 }
                 Ok(true)
             }
@@ -204,7 +252,11 @@ impl Session<'_> {
                         false
                     };
                     codes.push(if granted {
-                        SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce })
+                        SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        })
                     } else {
                         EndpointMetrics::inc(&self.ep.metrics.topic_violations);
                         warn!(device = %self.device, filter = %f.path, "Subscription refused.");
@@ -230,7 +282,9 @@ impl Session<'_> {
                 Ok(true)
             }
             Packet::PingReq => {
-                conn.send(Packet::PingResp).await.map_err(|e| ConnError::Protocol(e.to_string()))?;
+                conn.send(Packet::PingResp)
+                    .await
+                    .map_err(|e| ConnError::Protocol(e.to_string()))?;
                 Ok(true)
             }
             // Acks of our QoS1 downlink: redelivery is the agent's business (resend
@@ -248,7 +302,12 @@ impl Session<'_> {
         }
     }
 
-    async fn uplink(&mut self, conn: &mut Conn, topics: &edge_agent::wire::DeviceTopics, payload: Bytes) -> Result<(), ConnError> {
+    async fn uplink(
+        &mut self,
+        conn: &mut Conn,
+        topics: &edge_agent::wire::DeviceTopics,
+        payload: Bytes,
+    ) -> Result<(), ConnError> {
         let (store, metrics) = (&self.ep.store, &self.ep.metrics);
         let max = usize::try_from(self.ep.config.max_packet_size.0).unwrap_or(usize::MAX);
         // A refused frame is counted and logged by `ingress`; the connection goes on.
@@ -258,19 +317,27 @@ impl Session<'_> {
         if let Some(wait) = self.bucket.take(batch.events.len() as u64) {
             tokio::time::sleep(wait).await;
         }
-        let frame = ingress::commit_batch(store, metrics, &self.device, batch).await.map_err(ConnError::from)?;
+        let frame = ingress::commit_batch(store, metrics, &self.device, batch)
+            .await
+            .map_err(ConnError::from)?;
         if self.subscribed_ack {
             self.publish(conn, topics.ack(), frame).await?;
         }
         Ok(())
     }
 
-    async fn hello(&mut self, conn: &mut Conn, topics: &edge_agent::wire::DeviceTopics, payload: &[u8]) -> Result<(), ConnError> {
-        let frame = match ingress::handle_hello(&self.ep.store, &self.ep.metrics, &self.device, payload) {
-            Ok(frame) => frame,
-            Err(IngressError::Rejected(_)) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
+    async fn hello(
+        &mut self,
+        conn: &mut Conn,
+        topics: &edge_agent::wire::DeviceTopics,
+        payload: &[u8],
+    ) -> Result<(), ConnError> {
+        let frame =
+            match ingress::handle_hello(&self.ep.store, &self.ep.metrics, &self.device, payload) {
+                Ok(frame) => frame,
+                Err(IngressError::Rejected(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
         if self.subscribed_down {
             self.publish(conn, topics.down(), frame).await?;
         }
@@ -282,7 +349,9 @@ impl From<IngressError> for ConnError {
     fn from(e: IngressError) -> Self {
         match e {
             IngressError::Store(e) => ConnError::Store(e.to_string()),
-            IngressError::Rejected(_) | IngressError::Encode(_) => ConnError::Protocol(e.to_string()),
+            IngressError::Rejected(_) | IngressError::Encode(_) => {
+                ConnError::Protocol(e.to_string())
+            }
         }
     }
 }
@@ -352,13 +421,18 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: u32) -> Self {
-        Bucket { rate: f64::from(rate), tokens: f64::from(rate), at: Instant::now() }
+        Bucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: Instant::now(),
+        }
     }
 
     /// Takes `n` tokens; returns how long to wait when the bucket runs dry.
     fn take(&mut self, n: u64) -> Option<Duration> {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
         self.at = now;
         self.tokens -= n as f64;
         if self.tokens >= 0.0 {
@@ -374,7 +448,10 @@ mod tests {
     use super::*;
 
     fn codec() -> DeviceCodec {
-        DeviceCodec(Codec { max_incoming_size: 1024, max_outgoing_size: 1024 })
+        DeviceCodec(Codec {
+            max_incoming_size: 1024,
+            max_outgoing_size: 1024,
+        })
     }
 
     /// CONNECT with protocol `name`/`level`, clean session, keep-alive 60, client id `dev-1`
@@ -403,12 +480,18 @@ mod tests {
 
     #[test]
     fn an_mqtt_5_connect_is_refused_by_its_level_not_misread() {
-        assert!(matches!(codec().decode(&mut connect("MQTT", 5)), Err(MqttError::InvalidProtocolLevel(5))));
+        assert!(matches!(
+            codec().decode(&mut connect("MQTT", 5)),
+            Err(MqttError::InvalidProtocolLevel(5))
+        ));
     }
 
     #[test]
     fn an_mqtt_3_1_connect_is_refused_by_its_name() {
-        assert!(matches!(codec().decode(&mut connect("MQIsdp", 3)), Err(MqttError::InvalidProtocol)));
+        assert!(matches!(
+            codec().decode(&mut connect("MQIsdp", 3)),
+            Err(MqttError::InvalidProtocol)
+        ));
     }
 
     #[test]
@@ -416,7 +499,10 @@ mod tests {
         let full = connect("MQTT", 5);
         for cut in 0..9 {
             let mut part = BytesMut::from(&full[..cut]);
-            assert!(matches!(codec().decode(&mut part), Ok(None)), "cut at {cut}");
+            assert!(
+                matches!(codec().decode(&mut part), Ok(None)),
+                "cut at {cut}"
+            );
         }
     }
 }

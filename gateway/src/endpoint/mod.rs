@@ -192,6 +192,14 @@ mod tests {
         assert_eq!(line("0.015"), "6");
         assert_eq!(line("10"), "6");
         assert_eq!(line("+Inf"), "7");
+        let bounds: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("lat_bucket{le=\"")?.split('"').next())
+            .collect();
+        assert_eq!(
+            bounds.join(" "),
+            "0.0005 0.001 0.002 0.003 0.005 0.0075 0.01 0.015 0.02 0.03 0.05 0.075 0.1 0.25 0.5 1 2.5 5 10 +Inf"
+        );
         assert!(out.contains("# TYPE lat histogram"), "{out}");
         assert!(out.contains("lat_sum 60.026\n"), "{out}");
         assert!(out.contains("lat_count 7\n"), "{out}");

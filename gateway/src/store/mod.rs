@@ -115,6 +115,18 @@ pub struct DeviceRecord {
     pub drops: Drops,
     /// Gateway receive time minus the agent's `sent_at` in its last batch.
     pub clock_skew_ms: i64,
+    /// Per lane: the highest seq stored (high-water mark) and the agent's floor.
+    pub lanes: Vec<LaneMark>,
+}
+
+/// Progress of one lane of one device.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LaneMark {
+    pub lane: String,
+    /// Highest seq stored from this lane.
+    pub high_water: u64,
+    /// The agent's floor: every lower seq was acknowledged or dropped.
+    pub floor: u64,
 }
 
 /// Outcome of receiving one batch.
@@ -552,6 +564,18 @@ fn receive(
     rec.rejected += receipt.rejected.len() as u64;
     rec.drops = batch.drops;
     rec.clock_skew_ms = skew;
+    let high = dedup.received.last().copied().unwrap_or(0);
+    match rec.lanes.iter_mut().find(|l| l.lane == batch.lane) {
+        Some(mark) => {
+            mark.high_water = mark.high_water.max(high);
+            mark.floor = dedup.floor;
+        }
+        None => rec.lanes.push(LaneMark {
+            lane: batch.lane.clone(),
+            high_water: high,
+            floor: dedup.floor,
+        }),
+    }
     save_device(txn, &sender.0, &rec)?;
     Ok(receipt)
 }

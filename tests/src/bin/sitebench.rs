@@ -1122,7 +1122,8 @@ fn secs(d: Option<Duration>) -> String {
     })
 }
 
-async fn run(site: &mut Site, args: &Args) -> Result<Vec<Row>> {
+/// The summary rows and the most CPU other processes used in a phase (in cores).
+async fn run(site: &mut Site, args: &Args) -> Result<(Vec<Row>, f64)> {
     let up = site.agent.wait_healthy(site.agent_addr).await?;
     println!("agent healthy after {:.0} ms", up.as_secs_f64() * 1000.0);
     // The uplink connects and says hello; a first event shows the path works.
@@ -1216,7 +1217,7 @@ async fn run(site: &mut Site, args: &Args) -> Result<Vec<Row>> {
             100.0 * w.ratio()
         )
     };
-    Ok(vec![
+    let rows = vec![
         row(
             "sustained agent -> gateway (gateway commits)",
             format!("{} ev/s", thousands(tp.steady_rate)),
@@ -1329,7 +1330,8 @@ async fn run(site: &mut Site, args: &Args) -> Result<Vec<Row>> {
             "~0% (quiet machine)",
             None,
         ),
-    ])
+    ];
+    Ok((rows, busiest))
 }
 
 fn main() -> Result<()> {
@@ -1453,11 +1455,19 @@ fn main() -> Result<()> {
     );
     println!();
     println!("SUMMARY");
-    print_table(&rows);
+    print_table(&rows.0);
+    if rows.1 > 0.15 {
+        println!(
+            "WARNING: other processes used up to {:.0}% of a core during the phases; \
+             throughput, latency and drain numbers are pessimistic. Rerun on a quiet machine.",
+            100.0 * rows.1
+        );
+    }
     if args.keep {
         println!("kept {}", dir.display());
     }
     let missed: Vec<&str> = rows
+        .0
         .iter()
         .filter(|r| r.verdict == "MISS")
         .map(|r| r.metric.trim())
