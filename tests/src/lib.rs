@@ -372,7 +372,9 @@ impl Gateway {
         let mut lines = Vec::new();
         for f in files {
             let text = read_rotating(&f);
-            for l in text.lines() {
+            // The destination may be mid-write: a last line without its newline is
+            // not delivered yet.
+            for l in text.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')) {
                 lines.push(
                     serde_json::from_str(l)
                         .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", f.display())),
