@@ -205,7 +205,12 @@ fn recover(shared: &Shared, stats: &mut SpoolStats) {
 }
 
 fn maybe_compact(shared: &Shared, stats: &mut SpoolStats) {
-    if stats.removed_since_compact < shared.compact_after {
+    // Compact once a large drain is over, not in the middle of it: compaction stops
+    // every read and write, and pages freed meanwhile are reused, so the file does not
+    // grow while a backlog is still queued.
+    if stats.removed_since_compact < shared.compact_after
+        || stats.queued_bytes() > shared.compact_after
+    {
         return;
     }
     stats.removed_since_compact = 0;
