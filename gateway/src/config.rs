@@ -56,6 +56,15 @@ pub struct GatewayConfig {
     /// Destinations events are delivered to.
     #[serde(default)]
     pub destinations: Vec<DestinationConfig>,
+    /// Identity resolution.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Computed profile attributes.
+    #[serde(default)]
+    pub computed: Vec<ComputedConfig>,
+    /// Server-side sources allowed to post events to the HTTP API.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
 }
 
 /// `[gateway]`
@@ -321,9 +330,20 @@ impl Default for TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Address of the admin/metrics API.
+    /// Address of the HTTP API: server-side ingest, admin, metrics.
     #[serde(default = "default_http_listen")]
     pub listen: SocketAddr,
+    /// Bearer token required by the admin API (`/v1/profiles`, `/v1/destinations`,
+    /// `/v1/devices`). Absent: admin calls are allowed from loopback only.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Largest request body accepted by the ingest endpoints.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize(512 << 10)
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -334,18 +354,105 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_http_listen(),
+            admin_token: None,
+            max_body: default_max_body(),
         }
     }
 }
 
-/// One `[[destinations]]` entry.
+/// One `[[destinations]]` entry. Kind-specific keys are ignored by other kinds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
-    /// Unique name (letters, digits, `-`, `_`); names its cursor and files.
+    /// Unique name (letters, digits, `-`, `_`); names its cursor, dead letters and files.
     pub name: String,
-    /// `file`: NDJSON files for batch/ETL consumers.
+    /// `file` (NDJSON for batch/ETL), `webhook` (Segment-spec JSON over HTTP) or
+    /// `postgres` (rows in tables created on start).
     pub kind: DestinationKind,
+
+    // ---- what is sent ----
+    /// Event types sent (`track`, `identify`, `page`, `screen`, `group`, `alias`);
+    /// empty = all.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+    /// Event names sent (track/screen/page names); empty = all.
+    #[serde(default)]
+    pub event_names: Vec<String>,
+    /// Event names never sent.
+    #[serde(default)]
+    pub exclude_event_names: Vec<String>,
+    /// Consent purposes the user must have granted for an event to be sent here.
+    #[serde(default)]
+    pub require_purposes: Vec<String>,
+    /// This destination sells or shares data (CCPA): users who opted out get nothing.
+    #[serde(default)]
+    pub sale: bool,
+    /// Data minimization. Identity types that may leave (`customer_id`,
+    /// `anonymous_id`, `email`, `device_id`, any other type); taken from the event or
+    /// attached from the profile. Absent: the event's own identities, nothing attached.
+    #[serde(default)]
+    pub identities: Option<Vec<String>>,
+    /// Profile attributes and computed attributes to attach under `traits`; the
+    /// event's own traits are cut to this list too. Absent: the event's own traits,
+    /// nothing attached.
+    #[serde(default)]
+    pub attributes: Option<Vec<String>>,
+    /// Event properties that may leave. Absent: all.
+    #[serde(default)]
+    pub properties: Option<Vec<String>>,
+    /// Send the event's `context` (device, app, library...).
+    #[serde(default = "yes")]
+    pub context: bool,
+
+    // ---- when it is sent ----
+    /// `stream`: as events arrive (batches of up to `batch_size`, waiting at most
+    /// `linger`); `batch`: everything accumulated, every `schedule`.
+    #[serde(default)]
+    pub mode: DeliveryMode,
+    /// Most events in one request / transaction / write.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Stream mode: how long a partial batch waits for more events.
+    #[serde(default = "default_linger", deserialize_with = "duration")]
+    pub linger: Duration,
+    /// Batch mode: interval between deliveries.
+    #[serde(default = "default_schedule", deserialize_with = "duration")]
+    pub schedule: Duration,
+    /// Most requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Most requests per second; 0 = unlimited.
+    #[serde(default)]
+    pub rate_limit: u32,
+    /// Deadline of one request.
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// First retry delay after a 408/429/5xx/timeout; doubles (with jitter) up to
+    /// `retry_max`. A `Retry-After` header wins.
+    #[serde(default = "default_retry_initial", deserialize_with = "duration")]
+    pub retry_initial: Duration,
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    pub retry_max: Duration,
+
+    // ---- webhook ----
+    /// `webhook`: the URL events are POSTed to (http or https).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `webhook`: extra request headers.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `webhook`: `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// `webhook`: HTTP basic auth as `user:password` (Segment style: write key as user).
+    #[serde(default)]
+    pub basic_auth: Option<String>,
+    /// `webhook`: `single` (one event per request, the Segment track/identify shape)
+    /// or `batch` (`{"batch": [...]}`).
+    #[serde(default)]
+    pub format: WebhookFormat,
+
+    // ---- file ----
     /// `file`: output directory, relative to the data dir.
     #[serde(default)]
     pub dir: Option<PathBuf>,
@@ -355,13 +462,54 @@ pub struct DestinationConfig {
     /// ...or once it is this old.
     #[serde(default = "default_file_age", deserialize_with = "duration")]
     pub max_file_age: Duration,
+    /// `file`: gzip each file (`.ndjson.gz`); readable with `zcat` even after a crash.
+    #[serde(default)]
+    pub gzip: bool,
+
+    // ---- postgres ----
+    /// `postgres`: connection string, e.g. `host=127.0.0.1 port=5432 user=edge dbname=edge`.
+    #[serde(default)]
+    pub connection: Option<String>,
+    /// `postgres`: table name prefix (`<prefix>events`, `<prefix>profiles`).
+    #[serde(default = "default_table_prefix")]
+    pub table_prefix: String,
+    /// `postgres`: also upsert a snapshot of each event's profile.
+    #[serde(default)]
+    pub profile_snapshots: bool,
 }
 
+fn yes() -> bool {
+    true
+}
+fn default_batch_size() -> usize {
+    100
+}
+fn default_linger() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_schedule() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_file_size() -> ByteSize {
     ByteSize(64 << 20)
 }
 fn default_file_age() -> Duration {
     Duration::from_secs(60)
+}
+fn default_table_prefix() -> String {
+    "edge_".into()
 }
 
 /// Kinds of destination.
@@ -369,6 +517,138 @@ fn default_file_age() -> Duration {
 #[serde(rename_all = "snake_case")]
 pub enum DestinationKind {
     File,
+    Webhook,
+    Postgres,
+}
+
+/// When a destination sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    #[default]
+    Stream,
+    Batch,
+}
+
+/// Body shape of webhook requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    #[default]
+    Single,
+    Batch,
+}
+
+/// `[identity]`: how identifiers become profiles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Identity types a profile holds at most one value of: two profiles holding
+    /// different values are never merged (a shared TV keeps its users apart).
+    #[serde(default = "default_unique")]
+    pub unique: Vec<String>,
+    /// Identity types used to link events to profiles. Segment `userId` and
+    /// mParticle `customer_id` are `customer_id`; `anonymousId` is `anonymous_id`;
+    /// `traits.email` and mParticle `email` are `email`; other mParticle identities
+    /// keep their names. `device_id` is off by default: devices are shared.
+    #[serde(default = "default_link_types")]
+    pub link: Vec<String>,
+    /// Values that never identify anyone (compared case-insensitively, trimmed).
+    #[serde(default = "default_blocklist")]
+    pub blocklist: Vec<String>,
+    /// Most identifiers one profile keeps; more are not linked (a runaway device).
+    #[serde(default = "default_max_identities")]
+    pub max_identities: usize,
+}
+
+fn default_unique() -> Vec<String> {
+    vec!["customer_id".into(), "email".into()]
+}
+fn default_link_types() -> Vec<String> {
+    ["customer_id", "anonymous_id", "email", "other", "mobile_number"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_blocklist() -> Vec<String> {
+    [
+        "", "0", "-1", "null", "nil", "none", "undefined", "unknown", "n/a", "anonymous",
+        "test@example.com", "00000000-0000-0000-0000-000000000000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_max_identities() -> usize {
+    100
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            unique: default_unique(),
+            link: default_link_types(),
+            blocklist: default_blocklist(),
+            max_identities: default_max_identities(),
+        }
+    }
+}
+
+/// One `[[computed]]` attribute: an aggregate over a profile's events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputedConfig {
+    /// Attribute name (as seen in lookups, audiences and destination allowlists).
+    pub name: String,
+    /// `count`, `sum`, `first`, `last` or `unique` (distinct values, at most `max_values`).
+    pub kind: ComputedKind,
+    /// Only events with this name (track/screen/page name).
+    #[serde(default)]
+    pub event: Option<String>,
+    /// Only events of this type.
+    #[serde(default)]
+    pub event_type: Option<String>,
+    /// The property aggregated (`sum`, `first`, `last`, `unique`), e.g. `revenue`.
+    #[serde(default)]
+    pub property: Option<String>,
+    /// Only events within this window before now count (e.g. `7d`); absent = all time.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub window: Option<Duration>,
+    /// `unique`: most distinct values kept.
+    #[serde(default = "default_max_values")]
+    pub max_values: usize,
+}
+
+fn default_max_values() -> usize {
+    50
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// Aggregates a computed attribute can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputedKind {
+    Count,
+    Sum,
+    First,
+    Last,
+    Unique,
+}
+
+/// One `[[sources]]` entry: a server-side sender posting to the gateway's HTTP
+/// `/v1/*` (Segment) or `/v2/*` (mParticle) endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name; events carry it as their sender (`source:<name>`).
+    pub name: String,
+    /// Segment write key (Basic auth user or `writeKey` in the body); for mParticle,
+    /// the API key of the `key:secret` pair.
+    pub write_key: String,
+    /// mParticle: the API secret. Absent: mParticle requests are refused.
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 impl GatewayConfig {
@@ -444,10 +724,88 @@ impl GatewayConfig {
                     format!("`{}` is repeated", d.name),
                 ));
             }
-            if d.kind == DestinationKind::File && d.dir.is_none() {
+            let need = |key: &str, present: bool| {
+                if present {
+                    Ok(())
+                } else {
+                    Err(bad(
+                        &format!("destinations.{key}"),
+                        format!("destination `{}` ({:?}) needs `{key}`", d.name, d.kind),
+                    ))
+                }
+            };
+            match d.kind {
+                DestinationKind::File => need("dir", d.dir.is_some())?,
+                DestinationKind::Webhook => need("url", d.url.is_some())?,
+                DestinationKind::Postgres => need("connection", d.connection.is_some())?,
+            }
+            if let Some(url) = &d.url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(bad(
+                        "destinations.url",
+                        format!("destination `{}`: `{url}` is not an http(s) URL", d.name),
+                    ));
+                }
+            }
+            for (key, zero) in [
+                ("batch_size", d.batch_size == 0),
+                ("concurrency", d.concurrency == 0),
+                ("timeout", d.timeout.is_zero()),
+                ("schedule", d.schedule.is_zero()),
+                ("retry_initial", d.retry_initial.is_zero()),
+            ] {
+                if zero {
+                    return Err(bad(
+                        &format!("destinations.{key}"),
+                        format!("destination `{}`: must be above zero", d.name),
+                    ));
+                }
+            }
+            if d.retry_max < d.retry_initial {
                 return Err(bad(
-                    "destinations.dir",
-                    format!("destination `{}` needs a dir", d.name),
+                    "destinations.retry_max",
+                    format!("destination `{}`: below retry_initial", d.name),
+                ));
+            }
+            if !d
+                .table_prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(bad(
+                    "destinations.table_prefix",
+                    format!("destination `{}`: use a-z, 0-9, `_`", d.name),
+                ));
+            }
+        }
+        let mut computed = std::collections::HashSet::new();
+        for c in &self.computed {
+            if c.name.is_empty() || !computed.insert(c.name.as_str()) {
+                return Err(bad(
+                    "computed.name",
+                    format!("`{}` is empty or repeated", c.name),
+                ));
+            }
+            let needs_property = !matches!(c.kind, ComputedKind::Count);
+            if needs_property && c.property.is_none() {
+                return Err(bad(
+                    "computed.property",
+                    format!("computed `{}` ({:?}) needs a property", c.name, c.kind),
+                ));
+            }
+            if c.window.is_some_and(|w| w.is_zero()) {
+                return Err(bad(
+                    "computed.window",
+                    format!("computed `{}`: must be above zero", c.name),
+                ));
+            }
+        }
+        let mut keys = std::collections::HashSet::new();
+        for s in &self.sources {
+            if s.write_key.is_empty() || !keys.insert(s.write_key.as_str()) {
+                return Err(bad(
+                    "sources.write_key",
+                    format!("source `{}`: empty or shared with another source", s.name),
                 ));
             }
         }

@@ -24,6 +24,11 @@ pub struct Admin {
     pub store: Arc<Store>,
     pub metrics: Arc<EndpointMetrics>,
     pub sessions: Arc<Sessions>,
+    pub profiles: Arc<crate::profiles::Profiles>,
+    pub destinations: Arc<crate::dest::Registry>,
+    pub downlinks: Arc<crate::downlink::Downlinks>,
+    pub config: crate::config::HttpConfig,
+    pub sources: Vec<crate::config::SourceConfig>,
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

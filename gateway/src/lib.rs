@@ -13,10 +13,12 @@
 pub mod broker;
 pub mod config;
 pub mod dest;
+pub mod downlink;
 pub mod endpoint;
 pub mod http;
 pub mod ingress;
 pub mod pki;
+pub mod profiles;
 pub mod store;
 pub mod tls;
 
@@ -28,9 +30,10 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use config::{resolve, DestinationKind, GatewayConfig, MqttMode};
+use config::{resolve, GatewayConfig, MqttMode};
+use profiles::Profiles;
 use endpoint::{Endpoint, EndpointMetrics, Sessions};
 use store::Store;
 
@@ -136,7 +139,10 @@ pub async fn run(
     });
 
     let store_path = data_dir.join(STORE_FILE);
-    let names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    // Every consumer of the inbox: the profile stage and each destination.
+    let names: Vec<String> = std::iter::once(profiles::STAGE_NAME.to_owned())
+        .chain(config.destinations.iter().map(|d| d.name.clone()))
+        .collect();
     let cache = usize::try_from(config.gateway.cache_size.0).unwrap_or(usize::MAX);
     let store = Arc::new(Store::open(&store_path, cache, &names).map_err(|source| {
         GatewayError::Store {
@@ -150,26 +156,28 @@ pub async fn run(
     let sessions = Arc::new(Sessions::default());
     let tasks = TaskTracker::new();
 
-    for d in &config.destinations {
-        match d.kind {
-            DestinationKind::File => {
-                let dest = dest::file::FileDestination {
-                    name: d.name.clone(),
-                    dir: resolve(data_dir, d.dir.as_deref().unwrap_or(Path::new("out"))),
-                    max_file_size: d.max_file_size.0,
-                    max_file_age: d.max_file_age,
-                    store: Arc::clone(&store),
-                };
-                let token = shutdown.clone();
-                tasks.spawn(async move {
-                    let name = dest.name.clone();
-                    if let Err(e) = dest.run(token).await {
-                        error!(destination = %name, error = %e, "Destination stopped.");
-                    }
-                });
-            }
+    let profiles_path = data_dir.join(profiles::PROFILES_FILE);
+    let profiles = Arc::new(Profiles::open(&profiles_path, &config).map_err(|source| {
+        GatewayError::Store {
+            path: profiles_path,
+            source,
         }
-    }
+    })?);
+    tasks.spawn(Arc::clone(&profiles).run(Arc::clone(&store), shutdown.clone()));
+    let destinations = dest::spawn_all(
+        &config.destinations,
+        &dest::DestContext {
+            store: Arc::clone(&store),
+            profiles: Arc::clone(&profiles),
+            data_dir: data_dir.to_owned(),
+        },
+        &tasks,
+        &shutdown,
+    );
+    let downlinks = Arc::new(downlink::Downlinks {
+        store: Arc::clone(&store),
+        sessions: Arc::clone(&sessions),
+    });
 
     if config.tls.revoked.is_some() {
         let (list, every, token) = (
@@ -233,6 +241,11 @@ pub async fn run(
         store: Arc::clone(&store),
         metrics,
         sessions,
+        profiles,
+        destinations,
+        downlinks,
+        config: config.http.clone(),
+        sources: config.sources.clone(),
     });
     tasks.spawn(admin.serve(http, shutdown.clone()));
 

@@ -16,6 +16,7 @@
 
 mod dedup;
 
+use std::any::Any;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -33,7 +34,7 @@ use tracing::error;
 
 pub use dedup::LaneDedup;
 
-const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+pub(crate) const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("dedup");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const CURSORS: TableDefinition<&str, &[u8]> = TableDefinition::new("cursors");
@@ -76,7 +77,8 @@ impl StoreError {
     }
 }
 
-trait R<T> {
+/// `.st()`: a redb result as a [`StoreError`] (disk full recognised).
+pub(crate) trait R<T> {
     fn st(self) -> Result<T, StoreError>;
 }
 
@@ -160,8 +162,16 @@ enum Command {
         done_through: u64,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A write by another module ([`Store::apply`]) in the next group commit.
+    Apply {
+        write: ApplyFn,
+        reply: oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>,
+    },
     Stop,
 }
+
+type ApplyFn =
+    Box<dyn FnOnce(&WriteTransaction) -> Result<Box<dyn Any + Send>, StoreError> + Send>;
 
 struct Shared {
     db: Database,
@@ -277,6 +287,59 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `write` inside the next group commit and returns its result once that
+    /// commit is durable. For modules keeping their own tables in this store
+    /// (dead letters, downlink queues): they open them through the transaction.
+    /// An error from `write` fails the whole group, so return one only when nothing
+    /// should be committed.
+    pub async fn apply<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let write: ApplyFn = Box::new(move |txn| write(txn).map(|v| Box::new(v) as Box<dyn Any + Send>));
+        self.tx
+            .send(Command::Apply { write, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let any = rx.await.map_err(|_| StoreError::Closed)??;
+        any.downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| StoreError::Storage("apply: result type mismatch".into()))
+    }
+
+    /// Runs `read` on a fresh read transaction (a consistent snapshot).
+    pub fn read<T>(
+        &self,
+        read: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let r = self.shared.db.begin_read().st()?;
+        read(&r)
+    }
+
+    /// Records that `name` (a destination or the profile stage) no longer needs inbox
+    /// entries at or below `through`, without writing anything: for consumers that
+    /// keep their cursor elsewhere.
+    pub fn set_done(&self, name: &str, through: u64) {
+        self.shared
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), through);
+    }
+
+    /// The lowest inbox seq any consumer still needs, minus one.
+    pub fn min_done(&self) -> u64 {
+        self.shared
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(0)
     }
 
     /// A destination's saved state.
@@ -402,6 +465,10 @@ fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
 enum Reply {
     Receive(oneshot::Sender<Result<Receipt, StoreError>>, Receipt),
     Saved(oneshot::Sender<Result<(), StoreError>>),
+    Applied(
+        oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>,
+        Box<dyn Any + Send>,
+    ),
 }
 
 fn commit_group(shared: &Shared, group: Vec<Command>) {
@@ -457,6 +524,14 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
                         .insert(name, done_through);
                     replies.push(Reply::Saved(reply));
                 }
+                Command::Apply { write, reply } => match write(&txn) {
+                    Ok(v) => replies.push(Reply::Applied(reply, v)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.clone()));
+                        waiting.extend(group);
+                        return Err(e);
+                    }
+                },
                 Command::Stop => {}
             }
         }
@@ -472,6 +547,7 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
                 match r {
                     Reply::Receive(tx, receipt) => drop(tx.send(Ok(receipt))),
                     Reply::Saved(tx) => drop(tx.send(Ok(()))),
+                    Reply::Applied(tx, v) => drop(tx.send(Ok(v))),
                 }
             }
         }
@@ -481,12 +557,14 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
                 match r {
                     Reply::Receive(tx, _) => drop(tx.send(Err(e.clone()))),
                     Reply::Saved(tx) => drop(tx.send(Err(e.clone()))),
+                    Reply::Applied(tx, _) => drop(tx.send(Err(e.clone()))),
                 }
             }
             for cmd in waiting {
                 match cmd {
                     Command::Receive { reply, .. } => drop(reply.send(Err(e.clone()))),
                     Command::SaveCursor { reply, .. } => drop(reply.send(Err(e.clone()))),
+                    Command::Apply { reply, .. } => drop(reply.send(Err(e.clone()))),
                     Command::FrameRejected { .. } | Command::Stop => {}
                 }
             }
