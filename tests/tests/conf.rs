@@ -86,3 +86,22 @@ fn shipped_broker_configs_agree_with_each_other_and_with_the_agent() {
         "the ACL patterns assume it"
     );
 }
+
+#[test]
+fn the_fanout_example_has_one_destination_of_each_kind() {
+    use edge_gateway::config::DestinationKind;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/gateway-fanout.toml");
+    let config = GatewayConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    for kind in [
+        DestinationKind::File,
+        DestinationKind::Webhook,
+        DestinationKind::Postgres,
+    ] {
+        assert!(
+            config.destinations.iter().any(|d| d.kind == kind),
+            "no {kind:?} destination"
+        );
+    }
+    assert!(!config.sources.is_empty());
+    assert!(!config.computed.is_empty());
+}
