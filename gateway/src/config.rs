@@ -565,14 +565,30 @@ fn default_unique() -> Vec<String> {
     vec!["customer_id".into(), "email".into()]
 }
 fn default_link_types() -> Vec<String> {
-    ["customer_id", "anonymous_id", "email", "other", "mobile_number"]
-        .map(String::from)
-        .to_vec()
+    [
+        "customer_id",
+        "anonymous_id",
+        "email",
+        "other",
+        "mobile_number",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_blocklist() -> Vec<String> {
     [
-        "", "0", "-1", "null", "nil", "none", "undefined", "unknown", "n/a", "anonymous",
-        "test@example.com", "00000000-0000-0000-0000-000000000000",
+        "",
+        "0",
+        "-1",
+        "null",
+        "nil",
+        "none",
+        "undefined",
+        "unknown",
+        "n/a",
+        "anonymous",
+        "test@example.com",
+        "00000000-0000-0000-0000-000000000000",
     ]
     .map(String::from)
     .to_vec()
@@ -963,5 +979,49 @@ mod tests {
             parse("[mqtt]\nmode = \"cluster\"\n"),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn each_destination_kind_needs_its_own_keys() {
+        for (text, key) in [
+            ("[[destinations]]\nname = \"w\"\nkind = \"webhook\"\n", "destinations.url"),
+            ("[[destinations]]\nname = \"p\"\nkind = \"postgres\"\n", "destinations.connection"),
+            ("[[destinations]]\nname = \"f\"\nkind = \"file\"\n", "destinations.dir"),
+            (
+                "[[destinations]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"ftp://x\"\n",
+                "destinations.url",
+            ),
+            (
+                "[[destinations]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\nbatch_size = 0\n",
+                "destinations.batch_size",
+            ),
+            (
+                "[[destinations]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\nretry_initial = \"10s\"\nretry_max = \"1s\"\n",
+                "destinations.retry_max",
+            ),
+        ] {
+            assert_eq!(invalid_key(text), key, "{text}");
+        }
+    }
+
+    #[test]
+    fn computed_attributes_and_sources_are_checked() {
+        assert_eq!(
+            invalid_key("[[computed]]\nname = \"ltv\"\nkind = \"sum\"\n"),
+            "computed.property"
+        );
+        assert_eq!(
+            invalid_key("[[computed]]\nname = \"n\"\nkind = \"count\"\nwindow = \"0s\"\n"),
+            "computed.window"
+        );
+        assert_eq!(
+            invalid_key(
+                "[[sources]]\nname = \"a\"\nwrite_key = \"k\"\n[[sources]]\nname = \"b\"\nwrite_key = \"k\"\n"
+            ),
+            "sources.write_key"
+        );
+        let ok = parse("[[computed]]\nname = \"n\"\nkind = \"count\"\nwindow = \"7d\"\n").unwrap();
+        assert_eq!(ok.computed[0].window, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(ok.identity.unique, ["customer_id", "email"]);
     }
 }
