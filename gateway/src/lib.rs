@@ -246,6 +246,7 @@ pub async fn run(
         downlinks,
         config: config.http.clone(),
         sources: config.sources.clone(),
+        counters: http::HttpCounters::default(),
     });
     tasks.spawn(admin.serve(http, shutdown.clone()));
 

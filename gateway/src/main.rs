@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use edge_gateway::config::{resolve, GatewayConfig};
+use edge_gateway::http::client::{encode_segment, AdminClient, ClientError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -41,6 +42,61 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Look up or erase a profile on a running gateway.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Status of every destination on a running gateway (backlog, retries, dead letters).
+    Destinations {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List a destination's dead letters.
+    DeadLetters {
+        /// Destination name.
+        name: String,
+        /// Most dead letters listed.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only dead letters with a larger id (paging).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Send a destination's dead letters again (after fixing its config).
+    Replay {
+        /// Destination name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// How the admin subcommands reach the gateway.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The gateway's HTTP API; default `http://<http.listen>` from the config.
+    #[arg(long)]
+    url: Option<String>,
+    /// Admin token; default `EDGE_ADMIN_TOKEN`, else `http.admin_token` from the config.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Show the profile holding an identifier, e.g. `profile show email ada@example.com`.
+    Show {
+        /// Identifier type: customer_id, email, anonymous_id, ...
+        id_type: String,
+        value: String,
+    },
+    /// Erase (GDPR) the profile holding an identifier; its devices are told to purge.
+    Erase { id_type: String, value: String },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +149,42 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| config.gateway.data_dir.clone());
     let pki_dir = resolve(&data_dir, &config.tls.pki_dir);
     match cli.command {
+        Command::Profile { command, api } => {
+            let (id_type, value, method) = match &command {
+                ProfileCommand::Show { id_type, value } => (id_type, value, "GET"),
+                ProfileCommand::Erase { id_type, value } => (id_type, value, "DELETE"),
+            };
+            let path = format!(
+                "/v1/profiles/{}/{}",
+                encode_segment(id_type),
+                encode_segment(value)
+            );
+            admin_call(&config, &api, |c| c.call(method, &path).map(pretty))
+        }
+        Command::Destinations { api } => admin_call(&config, &api, |c| {
+            c.get("/v1/destinations").map(|v| destinations_table(&v))
+        }),
+        Command::DeadLetters {
+            name,
+            limit,
+            after,
+            api,
+        } => admin_call(&config, &api, |c| {
+            let path = format!(
+                "/v1/destinations/{}/dead-letters?after={after}&limit={limit}",
+                encode_segment(&name)
+            );
+            c.get(&path).map(pretty)
+        }),
+        Command::Replay { name, api } => admin_call(&config, &api, |c| {
+            let path = format!("/v1/destinations/{}/replay", encode_segment(&name));
+            c.call("POST", &path).map(|v| {
+                format!(
+                    "replayed {} dead letters of `{name}`",
+                    v.get("replayed").and_then(|n| n.as_u64()).unwrap_or(0)
+                )
+            })
+        }),
         Command::Certs {
             command: CertsCommand::Init { names },
         } => match edge_gateway::pki::init(&pki_dir, &names) {
@@ -185,6 +277,76 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs one admin call against the running gateway and prints its answer.
+fn admin_call(
+    config: &GatewayConfig,
+    api: &ApiArgs,
+    call: impl FnOnce(&AdminClient) -> Result<String, ClientError>,
+) -> ExitCode {
+    let url = api.url.clone().unwrap_or_else(|| {
+        // A wildcard listen address is reached on loopback.
+        let mut addr = config.http.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        format!("http://{addr}")
+    });
+    let token = api
+        .token
+        .clone()
+        .or_else(|| std::env::var("EDGE_ADMIN_TOKEN").ok())
+        .or_else(|| config.http.admin_token.clone());
+    let result = AdminClient::new(&url, token).and_then(|c| call(&c));
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e @ ClientError::Unreachable { .. }) => {
+            eprintln!("edge-gateway: {e} (is it running? set --url)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("edge-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pretty(v: serde_json::Value) -> String {
+    serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+}
+
+/// `GET /v1/destinations` as a table.
+fn destinations_table(v: &serde_json::Value) -> String {
+    let rows = v.as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "{:<20} {:<8} {:>9} {:>10} {:>10} {:>8} {:>6}  LAST ERROR\n",
+        "NAME", "KIND", "BACKLOG", "OLDEST", "DELIVERED", "RETRIES", "DEAD"
+    );
+    for d in rows {
+        let s = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+        let n = |k: &str| d.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let oldest = humantime::format_duration(Duration::from_secs(n("oldest_age_ms") / 1000));
+        out.push_str(&format!(
+            "{:<20} {:<8} {:>9} {:>10} {:>10} {:>8} {:>6}  {}\n",
+            s("name"),
+            s("kind"),
+            n("backlog"),
+            oldest.to_string(),
+            n("delivered"),
+            n("retries"),
+            n("dead_letters"),
+            s("last_error"),
+        ));
+    }
+    out.trim_end().to_owned()
 }
 
 /// Gateway and agent side by side until Ctrl-C/SIGTERM.

@@ -13,6 +13,12 @@
 //! | `devices`      | device id              | postcard [`DeviceRecord`]      |
 //! | `cursors`      | destination name       | postcard bytes of its state    |
 //! | `meta`         | `"next_inbox"`         | `u64`                          |
+//! | `source_dedup` | `u128` event id        | `i64` received ms              |
+//! | `source_age`   | `(i64 ms, u128 id)`    | `()`: `source_dedup` by age    |
+//!
+//! Server-side sources ([`Store::ingest`]) have no lanes or seqs: their retries are
+//! recognised by event id (derived from the sender's message id) for
+//! [`SOURCE_DEDUP_WINDOW`].
 
 mod dedup;
 
@@ -40,6 +46,13 @@ const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const CURSORS: TableDefinition<&str, &[u8]> = TableDefinition::new("cursors");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_INBOX: &str = "next_inbox";
+const SOURCE_DEDUP: TableDefinition<u128, i64> = TableDefinition::new("source_dedup");
+const SOURCE_AGE: TableDefinition<(i64, u128), ()> = TableDefinition::new("source_age");
+
+/// How long a server-side event id is remembered: a retry within it is a duplicate.
+pub const SOURCE_DEDUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Most expired server-side dedup marks removed by one ingest.
+const MAX_SOURCE_PRUNE: usize = 1_000;
 
 /// Commands that may wait for the writer.
 pub const STORE_QUEUE_DEPTH: usize = 1024;
@@ -145,7 +158,23 @@ pub struct Receipt {
     pub accepted_ms: Vec<i64>,
 }
 
+/// Outcome of [`Store::ingest`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IngestReceipt {
+    /// Events newly stored.
+    pub stored: usize,
+    /// Events whose id was already stored within [`SOURCE_DEDUP_WINDOW`].
+    pub duplicates: usize,
+}
+
 enum Command {
+    /// Events from a server-side source, deduplicated by event id.
+    Ingest {
+        sender: DeviceId,
+        events: Vec<Event>,
+        received_ms: i64,
+        reply: oneshot::Sender<Result<IngestReceipt, StoreError>>,
+    },
     Receive {
         sender: DeviceId,
         batch: UplinkBatch,
@@ -170,8 +199,7 @@ enum Command {
     Stop,
 }
 
-type ApplyFn =
-    Box<dyn FnOnce(&WriteTransaction) -> Result<Box<dyn Any + Send>, StoreError> + Send>;
+type ApplyFn = Box<dyn FnOnce(&WriteTransaction) -> Result<Box<dyn Any + Send>, StoreError> + Send>;
 
 struct Shared {
     db: Database,
@@ -212,6 +240,8 @@ impl Store {
             txn.open_table(DEVICES).st()?;
             txn.open_table(CURSORS).st()?;
             txn.open_table(META).st()?;
+            txn.open_table(SOURCE_DEDUP).st()?;
+            txn.open_table(SOURCE_AGE).st()?;
         }
         txn.commit().st()?;
         let head = {
@@ -263,6 +293,28 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Stores events of a server-side source (`sender` = `source:<name>`) in one
+    /// commit, skipping ids stored within [`SOURCE_DEDUP_WINDOW`]; returns after
+    /// the commit. Each stored event's `seq` becomes its inbox seq.
+    pub async fn ingest(
+        &self,
+        sender: DeviceId,
+        events: Vec<Event>,
+        received_ms: i64,
+    ) -> Result<IngestReceipt, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ingest {
+                sender,
+                events,
+                received_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Counts a refused frame for `device` (best effort, not awaited).
     pub fn frame_rejected(&self, device: DeviceId) {
         let _ = self.tx.try_send(Command::FrameRejected { device });
@@ -299,7 +351,8 @@ impl Store {
         write: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let write: ApplyFn = Box::new(move |txn| write(txn).map(|v| Box::new(v) as Box<dyn Any + Send>));
+        let write: ApplyFn =
+            Box::new(move |txn| write(txn).map(|v| Box::new(v) as Box<dyn Any + Send>));
         self.tx
             .send(Command::Apply { write, reply })
             .await
@@ -463,6 +516,10 @@ fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
 }
 
 enum Reply {
+    Ingested(
+        oneshot::Sender<Result<IngestReceipt, StoreError>>,
+        IngestReceipt,
+    ),
     Receive(oneshot::Sender<Result<Receipt, StoreError>>, Receipt),
     Saved(oneshot::Sender<Result<(), StoreError>>),
     Applied(
@@ -489,6 +546,19 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
         let mut group = group.into_iter();
         while let Some(cmd) = group.next() {
             match cmd {
+                Command::Ingest {
+                    sender,
+                    events,
+                    received_ms,
+                    reply,
+                } => match ingest(&txn, &mut next, &sender, events, received_ms) {
+                    Ok(r) => replies.push(Reply::Ingested(reply, r)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.clone()));
+                        waiting.extend(group);
+                        return Err(e);
+                    }
+                },
                 Command::Receive {
                     sender,
                     batch,
@@ -545,6 +615,7 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
             shared.head.send_replace(head);
             for r in replies {
                 match r {
+                    Reply::Ingested(tx, receipt) => drop(tx.send(Ok(receipt))),
                     Reply::Receive(tx, receipt) => drop(tx.send(Ok(receipt))),
                     Reply::Saved(tx) => drop(tx.send(Ok(()))),
                     Reply::Applied(tx, v) => drop(tx.send(Ok(v))),
@@ -555,6 +626,7 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
             error!(error = %e, "Store commit failed; nothing in this group was acknowledged.");
             for r in replies {
                 match r {
+                    Reply::Ingested(tx, _) => drop(tx.send(Err(e.clone()))),
                     Reply::Receive(tx, _) => drop(tx.send(Err(e.clone()))),
                     Reply::Saved(tx) => drop(tx.send(Err(e.clone()))),
                     Reply::Applied(tx, _) => drop(tx.send(Err(e.clone()))),
@@ -562,6 +634,7 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
             }
             for cmd in waiting {
                 match cmd {
+                    Command::Ingest { reply, .. } => drop(reply.send(Err(e.clone()))),
                     Command::Receive { reply, .. } => drop(reply.send(Err(e.clone()))),
                     Command::SaveCursor { reply, .. } => drop(reply.send(Err(e.clone()))),
                     Command::Apply { reply, .. } => drop(reply.send(Err(e.clone()))),
@@ -658,6 +731,77 @@ fn receive(
     Ok(receipt)
 }
 
+fn ingest(
+    txn: &WriteTransaction,
+    next: &mut u64,
+    sender: &DeviceId,
+    events: Vec<Event>,
+    received_ms: i64,
+) -> Result<IngestReceipt, StoreError> {
+    let mut receipt = IngestReceipt::default();
+    {
+        let mut inbox = txn.open_table(INBOX).st()?;
+        let mut seen = txn.open_table(SOURCE_DEDUP).st()?;
+        let mut age = txn.open_table(SOURCE_AGE).st()?;
+        prune_source_dedup(
+            &mut seen,
+            &mut age,
+            received_ms.saturating_sub(SOURCE_DEDUP_WINDOW.as_millis() as i64),
+        )?;
+        for mut event in events {
+            let id = event.id.0;
+            if seen.get(id).st()?.is_some() {
+                receipt.duplicates += 1;
+                continue;
+            }
+            seen.insert(id, received_ms).st()?;
+            age.insert((received_ms, id), ()).st()?;
+            event.seq = Seq(*next);
+            let record = InboxRecord {
+                sender: sender.clone(),
+                received_ms,
+                // A server-side sender's clock is taken as is: there is no batch
+                // `sent_at` to measure its skew against.
+                corrected_timestamp_ms: event.timestamp_ms,
+                event,
+            };
+            let bytes =
+                postcard::to_stdvec(&record).map_err(|e| StoreError::Storage(e.to_string()))?;
+            inbox.insert(*next, bytes.as_slice()).st()?;
+            *next += 1;
+            receipt.stored += 1;
+        }
+    }
+    let mut rec = load_device(txn, &sender.0)?;
+    rec.last_seen_ms = received_ms;
+    rec.events += receipt.stored as u64;
+    rec.duplicates += receipt.duplicates as u64;
+    save_device(txn, &sender.0, &rec)?;
+    Ok(receipt)
+}
+
+/// Forgets server-side event ids received before `before`, oldest first, at most
+/// [`MAX_SOURCE_PRUNE`] so one ingest never makes a long transaction.
+fn prune_source_dedup(
+    seen: &mut redb::Table<'_, u128, i64>,
+    age: &mut redb::Table<'_, (i64, u128), ()>,
+    before: i64,
+) -> Result<(), StoreError> {
+    let mut expired = Vec::new();
+    for row in age.range(..(before, 0u128)).st()?.take(MAX_SOURCE_PRUNE) {
+        let (k, _) = row.st()?;
+        expired.push(k.value());
+    }
+    for (at, id) in expired {
+        age.remove((at, id)).st()?;
+        // Only if it still records this receipt (ids are unique, but be exact).
+        if seen.get(id).st()?.map(|v| v.value()) == Some(at) {
+            seen.remove(id).st()?;
+        }
+    }
+    Ok(())
+}
+
 fn load_device(txn: &WriteTransaction, id: &str) -> Result<DeviceRecord, StoreError> {
     let t = txn.open_table(DEVICES).st()?;
     let v = t.get(id).st()?;
@@ -716,6 +860,59 @@ mod tests {
             drops: Drops::default(),
             events,
         }
+    }
+
+    #[tokio::test]
+    async fn server_side_retries_are_stored_once_and_forgotten_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("g.redb"), 1 << 20, &["a".into()]).unwrap();
+        let source = DeviceId("source:web".into());
+        let events = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| {
+                    let mut e = Event::new(EventKind::Track, Source::Segment, 1_000);
+                    e.set_message_id(id);
+                    e
+                })
+                .collect::<Vec<_>>()
+        };
+        let t0 = 1_700_000_000_000;
+        let first = store
+            .ingest(source.clone(), events(&["m1", "m2", "m1"]), t0)
+            .await
+            .unwrap();
+        assert_eq!(
+            (first.stored, first.duplicates),
+            (2, 1),
+            "a repeat inside one request too"
+        );
+        let retry = store
+            .ingest(source.clone(), events(&["m1", "m2", "m3"]), t0 + 5)
+            .await
+            .unwrap();
+        assert_eq!((retry.stored, retry.duplicates), (1, 2));
+        let stored = store.read_inbox(0, 10).unwrap();
+        assert_eq!(stored.len(), 3);
+        assert_eq!(
+            stored[2].1.event.seq,
+            Seq(stored[2].0),
+            "seq is the inbox seq"
+        );
+        assert_eq!(stored[0].1.sender, source);
+        let rec = store.device("source:web").unwrap().unwrap();
+        assert_eq!((rec.events, rec.duplicates), (3, 3));
+        let later = t0 + SOURCE_DEDUP_WINDOW.as_millis() as i64 + 10;
+        let after = store.ingest(source, events(&["m1"]), later).await.unwrap();
+        assert_eq!(
+            (after.stored, after.duplicates),
+            (1, 0),
+            "the window has passed"
+        );
+        let marks = store
+            .read(|r| r.open_table(SOURCE_DEDUP).st()?.len().st())
+            .unwrap();
+        assert_eq!(marks, 1, "expired marks are pruned");
+        store.close().await;
     }
 
     #[tokio::test]
