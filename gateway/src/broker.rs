@@ -54,15 +54,31 @@
 //! commit failed is acknowledged to the broker all the same (holding it would only
 //! block a receive slot until the next reconnect) and the agent sends it again.
 //!
+//! Downlinks ([`crate::downlink`]): the gateway sees no device PUBACKs through the
+//! broker, so a queued message cannot be removed on one. Instead, on each hello the
+//! device's queued messages (up to [`MAX_IN_FLIGHT`]) are published on its down
+//! topic before the hello reply, and they stay queued until this gateway commits an
+//! uplink batch from that device sent (device clock) no earlier than that hello: the
+//! agent sends no batch on a connection before it has the reply, and it gets the
+//! queued messages before the reply (same topic, in order) and carries each out
+//! before reading the next. A gateway restart or another group member taking the
+//! batch leaves them queued; they go again at the next hello (carried out again,
+//! harmlessly). An agent that gave up waiting for the reply (its ack timeout) may
+//! send a batch without having had them: then they are removed unapplied, so
+//! broker-mode delivery is best effort in that one case. A message queued while the
+//! device is connected waits for its next hello. Downlinks are published with
+//! `try_publish`, never waiting for the client (invariant 4); what does not fit goes
+//! at the next hello.
+//!
 //! This module must not take identity from a payload, and must not answer a device
 //! before the commit.
 
 use std::collections::hash_map::RandomState;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -79,6 +95,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{resolve, MqttConfig};
+use crate::downlink::{Downlinks, MAX_IN_FLIGHT};
 use crate::endpoint::EndpointMetrics;
 use crate::ingress::{self, IngressError};
 use crate::pki::PkiDir;
@@ -91,6 +108,9 @@ const NET_QUEUE_SLACK: usize = 16;
 const REQUEST_QUEUE_SLACK: usize = 16;
 /// How long shutdown waits for in-flight commits and for the DISCONNECT to go out.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Most devices whose downlinks await confirmation by a batch; beyond it, what is sent
+/// at a hello simply stays queued for the next one.
+const MAX_AWAITING_DEVICES: usize = 10_000;
 
 /// Why the broker consumer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +232,56 @@ pub struct BrokerConsumer {
     pub store: Arc<Store>,
     pub revoked: Arc<RevocationList>,
     pub metrics: Arc<EndpointMetrics>,
+    /// The durable downlink queues, published at each device's hello.
+    pub downlinks: Arc<Downlinks>,
+}
+
+/// Downlinks published at a device's hello, removed once a batch the device sent
+/// after that hello is committed (see the module docs).
+#[derive(Debug, Default)]
+struct Awaiting {
+    by_device: Mutex<HashMap<DeviceId, Published>>,
+}
+
+#[derive(Debug)]
+struct Published {
+    /// The hello's `sent_at_ms` (device clock, as a batch's `sent_at_ms`).
+    hello_sent_at_ms: i64,
+    ids: Vec<u64>,
+}
+
+impl Awaiting {
+    fn published(&self, device: &DeviceId, hello_sent_at_ms: i64, ids: Vec<u64>) {
+        let mut map = self
+            .by_device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if ids.is_empty() {
+            map.remove(device);
+        } else if map.len() < MAX_AWAITING_DEVICES || map.contains_key(device) {
+            map.insert(
+                device.clone(),
+                Published {
+                    hello_sent_at_ms,
+                    ids,
+                },
+            );
+        }
+    }
+
+    /// Ids a batch sent at `batch_sent_at_ms` confirms, taken out of the map.
+    fn confirmed(&self, device: &DeviceId, batch_sent_at_ms: i64) -> Vec<u64> {
+        let mut map = self
+            .by_device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match map.get(device) {
+            Some(p) if p.hello_sent_at_ms <= batch_sent_at_ms => {
+                map.remove(device).map(|p| p.ids).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// What the event loop task reports to the driver.
@@ -262,6 +332,7 @@ impl BrokerConsumer {
         ));
         info!(broker = %format_args!("{}:{}", s.host, s.port), client_id = %s.client_id, group = %s.shared_group, "Consuming the uplink from the broker.");
 
+        let awaiting = Arc::new(Awaiting::default());
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut connected = false;
         let mut failures: u64 = 0;
@@ -320,7 +391,7 @@ impl BrokerConsumer {
                         connected = false;
                     }
                     Some(Net::Message { publish, connection }) => {
-                        let handler = tokio::spawn(Arc::clone(&me).handle(client.clone(), publish.topic.clone(), publish.payload.clone()));
+                        let handler = tokio::spawn(Arc::clone(&me).handle(client.clone(), Arc::clone(&awaiting), publish.topic.clone(), publish.payload.clone()));
                         in_flight.push_back(InFlight { publish, connection, handler });
                     }
                 },
@@ -369,7 +440,13 @@ impl BrokerConsumer {
     /// Handles one uplink message: commit and answer. Never fails: what went wrong is
     /// counted and logged, and the message is acknowledged to the broker all the same
     /// (see the module docs for why that loses nothing).
-    async fn handle(self: Arc<Self>, client: AsyncClient, topic: Bytes, payload: Bytes) {
+    async fn handle(
+        self: Arc<Self>,
+        client: AsyncClient,
+        awaiting: Arc<Awaiting>,
+        topic: Bytes,
+        payload: Bytes,
+    ) {
         let Some((device, kind)) = std::str::from_utf8(&topic)
             .ok()
             .and_then(|t| self.topics.parse(t))
@@ -385,14 +462,18 @@ impl BrokerConsumer {
         }
         let max = usize::try_from(self.settings.max_packet_size).unwrap_or(usize::MAX);
         let answer = match kind {
-            TopicKind::Up => {
-                ingress::handle_batch(&self.store, &self.metrics, &device, &payload, max)
-                    .await
-                    .map(|frame| (TopicKind::Ack, frame))
-            }
+            TopicKind::Up => self
+                .uplink(&awaiting, &device, &payload, max)
+                .await
+                .map(|frame| (TopicKind::Ack, frame)),
             TopicKind::Hello => {
-                ingress::handle_hello(&self.store, &self.metrics, &device, &payload)
-                    .map(|frame| (TopicKind::Down, frame))
+                match ingress::handle_hello(&self.store, &self.metrics, &device, &payload) {
+                    Ok(frame) => {
+                        self.send_queued(&client, &awaiting, &device, &payload);
+                        Ok((TopicKind::Down, frame))
+                    }
+                    Err(e) => Err(e),
+                }
             }
             TopicKind::Ack | TopicKind::Down => {
                 EndpointMetrics::inc(&self.metrics.topic_violations);
@@ -424,6 +505,61 @@ impl BrokerConsumer {
         {
             debug!(device = %device, error = %e, "Answer not queued; the client is closing.");
         }
+    }
+}
+
+impl BrokerConsumer {
+    /// Verifies and commits a batch; once committed, the downlinks it confirms (see the
+    /// module docs) leave the queue.
+    async fn uplink(
+        &self,
+        awaiting: &Awaiting,
+        device: &DeviceId,
+        payload: &[u8],
+        max: usize,
+    ) -> Result<Vec<u8>, IngressError> {
+        let batch = ingress::verify_batch(&self.store, &self.metrics, device, payload, max)?;
+        let sent_at_ms = batch.sent_at_ms;
+        let frame = ingress::commit_batch(&self.store, &self.metrics, device, batch).await?;
+        let confirmed = awaiting.confirmed(device, sent_at_ms);
+        if let Err(e) = self.downlinks.remove(device, confirmed).await {
+            warn!(device = %device, error = %e, "Delivered downlinks not removed; they go again at the next hello.");
+        }
+        Ok(frame)
+    }
+
+    /// Publishes what is queued for `device` on its down topic, without waiting for
+    /// the client (invariant 4), and notes what was sent for confirmation.
+    fn send_queued(
+        &self,
+        client: &AsyncClient,
+        awaiting: &Awaiting,
+        device: &DeviceId,
+        hello: &[u8],
+    ) {
+        let Ok(hello) = edge_agent::wire::decode_hello(hello, edge_agent::wire::DEFAULT_MAX_FRAME)
+        else {
+            return;
+        };
+        let queued = match self.downlinks.read_after(device, 0, MAX_IN_FLIGHT) {
+            Ok(q) => q,
+            Err(e) => {
+                return warn!(device = %device, error = %e, "Queued downlinks not read; they go at the next hello.")
+            }
+        };
+        let topic = match self.topics.topic(device, TopicKind::Down) {
+            Ok(t) => t,
+            Err(e) => return warn!(device = %device, error = %e, "No down topic."),
+        };
+        let mut sent = Vec::with_capacity(queued.len());
+        for (id, frame) in queued {
+            if let Err(e) = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, frame) {
+                debug!(device = %device, error = %e, "Downlink not queued in the client; it goes at the next hello.");
+                break;
+            }
+            sent.push(id);
+        }
+        awaiting.published(device, hello.sent_at_ms, sent);
     }
 }
 
@@ -546,6 +682,23 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_batch_sent_after_the_hello_confirms_its_downlinks() {
+        let a = Awaiting::default();
+        let d = DeviceId("d1".into());
+        a.published(&d, 1_000, vec![4, 5]);
+        assert!(a.confirmed(&d, 999).is_empty(), "sent before the hello");
+        assert!(a.confirmed(&DeviceId("d2".into()), 2_000).is_empty());
+        assert_eq!(a.confirmed(&d, 1_000), [4, 5]);
+        assert!(a.confirmed(&d, 3_000).is_empty(), "confirmed once");
+        a.published(&d, 1_000, vec![6]);
+        a.published(&d, 2_000, vec![]);
+        assert!(
+            a.confirmed(&d, 5_000).is_empty(),
+            "nothing queued at the last hello"
+        );
+    }
 
     #[test]
     fn backoff_doubles_to_its_cap_with_jitter_and_resets() {

@@ -214,6 +214,7 @@ pub async fn run(
                 store: Arc::clone(&store),
                 revoked,
                 metrics: Arc::clone(&metrics),
+                downlinks: Arc::clone(&downlinks),
             };
             tasks.spawn(consumer.run(shutdown.clone()));
         }
@@ -233,6 +234,7 @@ pub async fn run(
                 revoked,
                 sessions: Arc::clone(&sessions),
                 metrics: Arc::clone(&metrics),
+                downlinks: Arc::clone(&downlinks),
             });
             tasks.spawn(endpoint.run(mqtt, shutdown.clone()));
         }

@@ -1,4 +1,11 @@
 //! One device connection: handshake, CONNECT checks, then the packet loop.
+//!
+//! Downlinks: once the device has subscribed to its down topic and said hello, the
+//! connection sends what the store queues for it ([`crate::downlink`]): at each hello
+//! everything still queued, before the hello reply (so an agent that waits for the
+//! reply has carried them out before it sends its spool), and later whatever
+//! [`Downlinks::queue`](crate::downlink::Downlinks::queue) wakes it for. Each is
+//! removed from the store when the device's PUBACK for its packet id arrives.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Endpoint, EndpointMetrics};
+use crate::downlink::Window;
 use crate::ingress::{self, IngressError};
 use crate::tls::peer_device_id;
 
@@ -140,6 +148,8 @@ pub(super) async fn serve(
         pkid: 0,
         subscribed_ack: false,
         subscribed_down: false,
+        greeted: false,
+        window: Window::default(),
         bucket: Bucket::new(ep.config.device_events_per_second),
     };
     let result = loop {
@@ -154,6 +164,11 @@ pub(super) async fn serve(
                     if let Err(e) = session.publish(&mut conn, topics.down(), frame).await {
                         break Err(e);
                     }
+                }
+            }
+            () = reg.wake.notified() => {
+                if let Err(e) = session.send_queued(&mut conn, &topics).await {
+                    break Err(e);
                 }
             }
             packet = tokio::time::timeout(keep_alive, conn.next()) => {
@@ -184,22 +199,82 @@ struct Session<'a> {
     pkid: u16,
     subscribed_ack: bool,
     subscribed_down: bool,
+    /// The device said hello on this connection: queued downlinks may go.
+    greeted: bool,
+    /// Queued downlinks sent on this connection and not yet acknowledged.
+    window: Window,
     bucket: Bucket,
 }
 
 impl Session<'_> {
+    /// Sends a QoS 1 PUBLISH; returns its packet id.
     async fn publish(
         &mut self,
         conn: &mut Conn,
         topic: &str,
         payload: Vec<u8>,
-    ) -> Result<(), ConnError> {
-        self.pkid = self.pkid.checked_add(1).unwrap_or(1).max(1);
+    ) -> Result<u16, ConnError> {
+        // Skip ids still held by unacknowledged downlinks: a PUBACK must settle the
+        // message it answers, not an ack frame that reused the id after a wrap.
+        loop {
+            self.pkid = self.pkid.checked_add(1).unwrap_or(1).max(1);
+            if !self.window.holds(self.pkid) {
+                break;
+            }
+        }
         let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
         p.pkid = self.pkid;
         conn.send(Packet::Publish(p))
             .await
-            .map_err(|e| ConnError::Protocol(e.to_string()))
+            .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        Ok(self.pkid)
+    }
+
+    /// Sends queued downlinks not yet sent on this connection, as many as the window
+    /// has room for. A failed store read is logged; the next hello or PUBACK retries.
+    async fn send_queued(
+        &mut self,
+        conn: &mut Conn,
+        topics: &edge_agent::wire::DeviceTopics,
+    ) -> Result<(), ConnError> {
+        if !(self.subscribed_down && self.greeted) || self.window.room() == 0 {
+            return Ok(());
+        }
+        let queued = match self.ep.downlinks.read_after(
+            &self.device,
+            self.window.sent_through(),
+            self.window.room(),
+        ) {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(device = %self.device, error = %e, "Queued downlinks not read; they go after the next hello.");
+                return Ok(());
+            }
+        };
+        for (id, frame) in queued {
+            let pkid = self.publish(conn, topics.down(), frame).await?;
+            self.window.on_sent(pkid, id);
+        }
+        Ok(())
+    }
+
+    /// A PUBACK from the device: if it settles a queued downlink, that one leaves the
+    /// store and the window has room for the next.
+    async fn downlink_acked(
+        &mut self,
+        conn: &mut Conn,
+        topics: &edge_agent::wire::DeviceTopics,
+        pkid: u16,
+    ) -> Result<(), ConnError> {
+        let Some(id) = self.window.on_puback(pkid) else {
+            return Ok(());
+        };
+        if let Err(e) = self.ep.downlinks.remove(&self.device, vec![id]).await {
+            // It stays queued and goes again after the next hello; the device carries
+            // out a message twice harmlessly.
+            warn!(device = %self.device, error = %e, "Acknowledged downlink not removed.");
+        }
+        self.send_queued(conn, topics).await
     }
 
     /// Handles one packet; `Ok(false)` ends the connection cleanly.
@@ -287,9 +362,12 @@ impl Session<'_> {
                     .map_err(|e| ConnError::Protocol(e.to_string()))?;
                 Ok(true)
             }
-            // Acks of our QoS1 downlink: redelivery is the agent's business (resend
-            // on ack timeout, hello on reconnect), so nothing to track here.
-            Packet::PubAck(_) => Ok(true),
+            // Acks of our QoS1 publishes. Those of ack frames need nothing (the agent
+            // resends a batch on ack timeout); those of queued downlinks settle them.
+            Packet::PubAck(a) => {
+                self.downlink_acked(conn, topics, a.pkid).await?;
+                Ok(true)
+            }
             Packet::PubRel(r) => {
                 conn.send(Packet::PubComp(PubComp::new(r.pkid)))
                     .await
@@ -338,6 +416,11 @@ impl Session<'_> {
                 Err(IngressError::Rejected(_)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
+        // A hello starts the device afresh: everything still queued goes again, then
+        // the reply, which tells the agent it has had them.
+        self.greeted = true;
+        self.window.restart();
+        self.send_queued(conn, topics).await?;
         if self.subscribed_down {
             self.publish(conn, topics.down(), frame).await?;
         }

@@ -2,7 +2,9 @@
 //! device topics. It is not a general broker: identity comes from the client
 //! certificate, the client id must equal it, each device may publish only to its
 //! uplink topics and subscribe only to its downlink topics, and a PUBLISH is
-//! acknowledged only after the store's durable commit.
+//! acknowledged only after the store's durable commit. After a device's hello its
+//! connection sends what [`Downlinks`] holds for it and removes each message on the
+//! device's PUBACK.
 //!
 //! Every connection runs in its own task; the TLS handshake and CONNECT each have a
 //! deadline, so an idle or slow socket never delays anyone else.
@@ -23,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::config::MqttConfig;
+use crate::downlink::Downlinks;
 use crate::store::Store;
 use crate::tls::RevocationList;
 pub use sessions::Sessions;
@@ -117,6 +120,8 @@ pub struct Endpoint {
     pub revoked: Arc<RevocationList>,
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<EndpointMetrics>,
+    /// The durable downlink queues this endpoint delivers.
+    pub downlinks: Arc<Downlinks>,
 }
 
 impl std::fmt::Debug for Endpoint {
