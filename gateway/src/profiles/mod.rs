@@ -10,16 +10,30 @@
 //! Destinations read [`Profiles::read_routed`]: inbox records up to the resolved head,
 //! each with its enrichment. Erased profiles' events are gone from both.
 
-use std::path::Path;
-use std::sync::Arc;
+mod computed;
+mod db;
+mod identity;
+mod profile;
+mod stage;
+#[cfg(test)]
+mod tests;
 
-use edge_agent::model::{DeviceId, Value};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use edge_agent::model::{now_ms, DeviceId, Value};
+use redb::{Database, ReadableDatabase};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::error;
 
 use crate::config::GatewayConfig;
-use crate::store::{InboxRecord, Store, StoreError};
+use crate::store::{InboxRecord, Store, StoreError, R};
+
+use computed::Spec;
+use identity::{canonical_type, Rules};
+use stage::EraseRequest;
 
 /// File name of the profile store inside the data dir.
 pub const PROFILES_FILE: &str = "profiles.redb";
@@ -100,62 +114,185 @@ pub struct Erased {
     pub queued_removed: u64,
 }
 
+/// Erase requests that may wait for the stage.
+const ERASE_QUEUE: usize = 16;
+
+/// What the handle and the stage share.
+#[derive(Debug)]
+struct Shared {
+    db: Database,
+    rules: Rules,
+    specs: Vec<Spec>,
+    /// Union of the destinations' `attributes` allowlists, sorted: what an
+    /// [`Enrichment`] keeps.
+    allow: Vec<String>,
+    /// Highest inbox seq resolved and committed.
+    resolved: watch::Sender<u64>,
+}
+
 /// Handle to the profile store and its stage.
 #[derive(Debug)]
 pub struct Profiles {
-    _private: (),
+    shared: Arc<Shared>,
+    erase_tx: mpsc::Sender<EraseRequest>,
+    /// Taken by [`Profiles::run`].
+    erase_rx: Mutex<Option<mpsc::Receiver<EraseRequest>>>,
 }
 
 impl Profiles {
     /// Opens (creating or recovering) `profiles.redb` at `path`.
-    pub fn open(_path: &Path, _config: &GatewayConfig) -> Result<Self, StoreError> {
-        todo!("profiles: open")
+    pub fn open(path: &Path, config: &GatewayConfig) -> Result<Self, StoreError> {
+        let cache = usize::try_from(config.gateway.cache_size.0).unwrap_or(usize::MAX);
+        let db = db::open(path, cache)?;
+        let cursor = {
+            let r = db.begin_read().st()?;
+            let meta = r.open_table(db::META).st()?;
+            db::meta_get(&meta, db::CURSOR)?
+        };
+        let mut allow: Vec<String> = config
+            .destinations
+            .iter()
+            .filter_map(|d| d.attributes.as_ref())
+            .flatten()
+            .cloned()
+            .collect();
+        allow.sort();
+        allow.dedup();
+        let (erase_tx, erase_rx) = mpsc::channel(ERASE_QUEUE);
+        Ok(Profiles {
+            shared: Arc::new(Shared {
+                db,
+                rules: Rules::new(&config.identity),
+                specs: config.computed.iter().map(Spec::new).collect(),
+                allow,
+                resolved: watch::channel(cursor).0,
+            }),
+            erase_tx,
+            erase_rx: Mutex::new(Some(erase_rx)),
+        })
     }
 
     /// Resolves inbox records until `shutdown`.
-    pub async fn run(self: Arc<Self>, _store: Arc<Store>, _shutdown: CancellationToken) {
-        todo!("profiles: run")
+    pub async fn run(self: Arc<Self>, store: Arc<Store>, shutdown: CancellationToken) {
+        let taken = self
+            .erase_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(erases) = taken else {
+            error!("The profile stage was started twice; the second start does nothing.");
+            return;
+        };
+        stage::run(Arc::clone(&self.shared), erases, store, shutdown).await;
     }
 
     /// Watches the highest inbox seq resolved (and committed).
     pub fn resolved(&self) -> watch::Receiver<u64> {
-        todo!("profiles: resolved")
+        self.shared.resolved.subscribe()
     }
 
     /// Up to `max` resolved records after inbox seq `after`, with their enrichment.
     pub fn read_routed(
         &self,
-        _store: &Store,
-        _after: u64,
-        _max: usize,
+        store: &Store,
+        after: u64,
+        max: usize,
     ) -> Result<RoutedPage, StoreError> {
-        todo!("profiles: read_routed")
+        let head = *self.shared.resolved.borrow();
+        if after >= head || max == 0 {
+            return Ok(RoutedPage {
+                through: after,
+                events: Vec::new(),
+            });
+        }
+        let records = store.read_inbox(after, max)?;
+        let read_all = records.len() < max || records.last().is_some_and(|(s, _)| *s > head);
+        let r = self.shared.db.begin_read().st()?;
+        let enriched = r.open_table(db::ENRICHED).st()?;
+        let mut page = RoutedPage {
+            through: after,
+            events: Vec::with_capacity(records.len()),
+        };
+        for (seq, record) in records {
+            if seq > head {
+                break;
+            }
+            page.through = seq;
+            // No row: the event was erased after it was resolved.
+            if let Some(v) = enriched.get(seq).st()? {
+                let enrichment = db::decode_enrichment(seq, v.value())?;
+                page.events.push(Routed {
+                    seq,
+                    record,
+                    enrichment,
+                });
+            }
+        }
+        if read_all {
+            // Every record up to `head` was in this read: the rest were erased.
+            page.through = head;
+        }
+        Ok(page)
     }
 
     /// The profile holding identifier `(id_type, value)`, if any.
-    pub fn lookup(&self, _id_type: &str, _value: &str) -> Result<Option<ProfileView>, StoreError> {
-        todo!("profiles: lookup")
+    pub fn lookup(&self, id_type: &str, value: &str) -> Result<Option<ProfileView>, StoreError> {
+        let ty = canonical_type(id_type);
+        let Some(value) = self.shared.rules.normalize(ty, value) else {
+            return Ok(None);
+        };
+        let mut key = String::new();
+        db::id_key(&mut key, ty, &value);
+        let r = self.shared.db.begin_read().st()?;
+        let ids = r.open_table(db::IDS).st()?;
+        let Some(pid) = ids.get(key.as_str()).st()?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let profiles = r.open_table(db::PROFILES).st()?;
+        Ok(db::load_profile(&profiles, pid)?.map(|p| p.view(&self.shared.specs, now_ms())))
     }
 
     /// A profile by id (following merges to the survivor).
-    pub fn get(&self, _profile_id: u64) -> Result<Option<ProfileView>, StoreError> {
-        todo!("profiles: get")
+    pub fn get(&self, profile_id: u64) -> Result<Option<ProfileView>, StoreError> {
+        let r = self.shared.db.begin_read().st()?;
+        let merged = r.open_table(db::MERGED).st()?;
+        let id = db::follow_merges(&merged, profile_id)?;
+        let profiles = r.open_table(db::PROFILES).st()?;
+        Ok(db::load_profile(&profiles, id)?.map(|p| p.view(&self.shared.specs, now_ms())))
     }
 
     /// Profiles stored.
     pub fn count(&self) -> Result<u64, StoreError> {
-        todo!("profiles: count")
+        stage::count(&self.shared)
     }
 
     /// GDPR erasure of the profile holding `(id_type, value)`: the profile, its
     /// identity links, and its queued inbox events are deleted. Serialized with the
-    /// stage, so no event of the user is being resolved meanwhile.
+    /// stage, so no event of the user is being resolved meanwhile. Needs the stage
+    /// running ([`Profiles::run`]); the stage uses the store it was started with.
     pub async fn erase(
         &self,
         _store: &Store,
-        _id_type: &str,
-        _value: &str,
+        id_type: &str,
+        value: &str,
     ) -> Result<Option<Erased>, StoreError> {
-        todo!("profiles: erase")
+        let (reply, rx) = oneshot::channel();
+        self.erase_tx
+            .send(EraseRequest {
+                id_type: id_type.to_owned(),
+                value: value.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Creates `n` profiles in large transactions, for benchmarks that need a
+    /// populated store (1M profiles take seconds). Profile `p` holds customer id
+    /// `seed-<p>` and anonymous id `seed-anon-<p>`. Call before [`Profiles::run`]:
+    /// it writes beside the stage, not through it. Blocking.
+    pub fn bulk_seed(&self, n: u64) -> Result<(), StoreError> {
+        stage::bulk_seed(&self.shared, n)
     }
 }

@@ -1,0 +1,660 @@
+//! The profile stage: the only writer of `profiles.redb`.
+//!
+//! It reads the inbox after its cursor in groups, resolves a whole group in one
+//! `Durability::Immediate` transaction together with the new cursor (so a crash at
+//! any moment neither loses nor double-counts an event), then publishes the resolved
+//! head. Erase requests are handled between groups, so no event of the user is being
+//! resolved meanwhile. Redb work runs on blocking threads, never on the runtime.
+//!
+//! Hot profiles and identifier links are cached between groups ([`Cache`]), bounded;
+//! the cache holds exactly what is committed once a group commits, and is dropped
+//! when a commit fails.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_agent::model::{now_ms, DeviceId};
+use redb::{
+    Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction,
+};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::db::{self, id_key, CURSOR, ENRICHED, IDS, MERGED, META, NEXT_PROFILE, PROFILES};
+use super::identity::{self, canonical_type, Ident, Target, ANONYMOUS_ID, CUSTOMER_ID};
+use super::profile::Profile;
+use super::{Enrichment, Erased, Shared, STAGE_NAME};
+use crate::store::{InboxRecord, Store, StoreError, INBOX, R};
+
+/// Most inbox records resolved in one commit.
+pub const GROUP_MAX: usize = 2000;
+/// Most `enriched` rows pruned by one commit.
+const MAX_PRUNE: u64 = 10_000;
+/// Cached profiles kept between groups; above it the cache starts over.
+const MAX_CACHED_PROFILES: usize = 50_000;
+/// Cached identifier lookups (hits and misses) kept between groups.
+const MAX_CACHED_IDS: usize = 200_000;
+/// Retry delays after a storage error.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// An erase waiting for the stage.
+#[derive(Debug)]
+pub struct EraseRequest {
+    pub id_type: String,
+    pub value: String,
+    pub reply: oneshot::Sender<Result<Option<Erased>, StoreError>>,
+}
+
+/// Profiles and links as committed (plus, during a group, its uncommitted changes).
+#[derive(Debug, Default)]
+struct Cache {
+    /// `ids` key → profile; `None` = known not linked.
+    ids: HashMap<String, Option<u64>>,
+    profiles: HashMap<u64, Profile>,
+    /// Scratch for building keys.
+    key: String,
+}
+
+/// What one group changed, written at its end (each touched profile once).
+#[derive(Debug, Default)]
+struct Group {
+    next_profile: u64,
+    dirty_profiles: HashSet<u64>,
+    dirty_ids: HashSet<String>,
+    /// Profiles merged away: their rows go.
+    removed: Vec<u64>,
+    /// `(merged profile, survivor)`.
+    merged: Vec<(u64, u64)>,
+}
+
+struct Tables<'t> {
+    ids: Table<'t, &'static str, u64>,
+    profiles: Table<'t, u64, &'static [u8]>,
+    merged: Table<'t, u64, u64>,
+    enriched: Table<'t, u64, &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            ids: txn.open_table(IDS).st()?,
+            profiles: txn.open_table(PROFILES).st()?,
+            merged: txn.open_table(MERGED).st()?,
+            enriched: txn.open_table(ENRICHED).st()?,
+            meta: txn.open_table(META).st()?,
+        })
+    }
+}
+
+/// Resolves groups of inbox records into `profiles.redb`.
+#[derive(Debug)]
+pub struct Resolver {
+    shared: Arc<Shared>,
+    cache: Cache,
+}
+
+impl Resolver {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Resolver {
+            shared,
+            cache: Cache::default(),
+        }
+    }
+
+    /// Forgets everything cached (after a failed commit or an erase).
+    pub fn clear(&mut self) {
+        self.cache.ids.clear();
+        self.cache.profiles.clear();
+    }
+
+    /// Resolves `records` and commits them with cursor `through`; prunes `enriched`
+    /// rows at or below `prune_through`. `now` dates windowed computed attributes.
+    pub fn resolve_group(
+        &mut self,
+        records: &[(u64, InboxRecord)],
+        through: u64,
+        prune_through: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let result = self.try_resolve_group(records, through, prune_through, now);
+        if result.is_err()
+            || self.cache.ids.len() > MAX_CACHED_IDS
+            || self.cache.profiles.len() > MAX_CACHED_PROFILES
+        {
+            self.clear();
+        }
+        result
+    }
+
+    fn try_resolve_group(
+        &mut self,
+        records: &[(u64, InboxRecord)],
+        through: u64,
+        prune_through: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.shared.db.begin_write().st()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
+        {
+            let mut t = Tables::open(&txn)?;
+            let mut g = Group {
+                next_profile: db::meta_get(&t.meta, NEXT_PROFILE)?.max(1),
+                ..Group::default()
+            };
+            let mut buf = Vec::with_capacity(256);
+            for (seq, record) in records {
+                let enrichment = self.resolve_one(&t, &mut g, record, now)?;
+                buf.clear();
+                buf = postcard::to_extend(&enrichment, buf)
+                    .map_err(|e| StoreError::Storage(format!("encode enrichment: {e}")))?;
+                t.enriched.insert(*seq, buf.as_slice()).st()?;
+            }
+            self.flush(&mut t, &g, &mut buf)?;
+            t.meta.insert(CURSOR, through).st()?;
+            t.meta.insert(NEXT_PROFILE, g.next_profile).st()?;
+            prune_enriched(&mut t.enriched, prune_through)?;
+        }
+        txn.commit().st()
+    }
+
+    fn resolve_one(
+        &mut self,
+        t: &Tables<'_>,
+        g: &mut Group,
+        record: &InboxRecord,
+        now: i64,
+    ) -> Result<Enrichment, StoreError> {
+        let Resolver { shared, cache } = self;
+        let rules = &shared.rules;
+        let mut idents: Vec<Ident<'_>> = Vec::with_capacity(6);
+        rules.identifiers(&record.event, &mut idents);
+        if idents.is_empty() {
+            return Ok(Enrichment::default());
+        }
+        let mut found = Vec::with_capacity(idents.len());
+        for id in &idents {
+            let mut p = cache.lookup(t, id.ty, &id.value)?;
+            // A link to a missing profile (a damaged file) counts as no link; the
+            // identifier is linked afresh below, which repairs it.
+            if let Some(pid) = p {
+                if !cache.load(t, pid)? {
+                    p = None;
+                }
+            }
+            found.push(p);
+        }
+        let plan = identity::plan(&idents, &found, rules.unique_types(), |p, ty| {
+            cache.profiles.get(&p).and_then(|pr| pr.value_of(ty))
+        });
+        let target = match plan.target {
+            Target::Nobody => return Ok(Enrichment::default()),
+            Target::New => {
+                let id = g.next_profile;
+                g.next_profile = id.saturating_add(1);
+                cache
+                    .profiles
+                    .insert(id, Profile::new(id, record.received_ms));
+                id
+            }
+            Target::Existing(id) => id,
+        };
+        for loser in plan.merge {
+            cache.merge(shared, g, target, loser, now);
+        }
+        for i in plan.link {
+            let Some(id) = idents.get(i) else { continue };
+            let Some(p) = cache.profiles.get_mut(&target) else {
+                continue;
+            };
+            let full = p.identities.len() >= rules.max_identities;
+            let taken = id.unique && p.value_of(id.ty).is_some();
+            if full || taken || p.has_identity(id.ty, &id.value) {
+                continue;
+            }
+            p.identities.push((id.ty.to_owned(), id.value.to_string()));
+            cache.set_link(g, id.ty, &id.value, Some(target));
+        }
+        let Some(profile) = cache.profiles.get_mut(&target) else {
+            return Err(StoreError::Corrupt(format!(
+                "profile {target} vanished while resolving"
+            )));
+        };
+        profile.apply_event(record, &shared.specs, now);
+        g.dirty_profiles.insert(target);
+        Ok(profile.enrichment(&shared.allow, &shared.specs, now))
+    }
+
+    fn flush(
+        &mut self,
+        t: &mut Tables<'_>,
+        g: &Group,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        for id in &g.dirty_profiles {
+            if let Some(p) = self.cache.profiles.get(id) {
+                buf.clear();
+                *buf = postcard::to_extend(p, std::mem::take(buf))
+                    .map_err(|e| StoreError::Storage(format!("encode profile {id}: {e}")))?;
+                t.profiles.insert(*id, buf.as_slice()).st()?;
+            }
+        }
+        for id in &g.removed {
+            t.profiles.remove(*id).st()?;
+        }
+        for key in &g.dirty_ids {
+            match self.cache.ids.get(key) {
+                Some(Some(p)) => {
+                    t.ids.insert(key.as_str(), *p).st()?;
+                }
+                Some(None) => {
+                    t.ids.remove(key.as_str()).st()?;
+                }
+                None => {}
+            }
+        }
+        for (loser, survivor) in &g.merged {
+            t.merged.insert(*loser, *survivor).st()?;
+        }
+        Ok(())
+    }
+}
+
+impl Cache {
+    fn lookup(&mut self, t: &Tables<'_>, ty: &str, value: &str) -> Result<Option<u64>, StoreError> {
+        id_key(&mut self.key, ty, value);
+        if let Some(v) = self.ids.get(self.key.as_str()) {
+            return Ok(*v);
+        }
+        let v = t.ids.get(self.key.as_str()).st()?.map(|g| g.value());
+        self.ids.insert(self.key.clone(), v);
+        Ok(v)
+    }
+
+    /// Makes sure profile `id` is cached; false when it does not exist.
+    fn load(&mut self, t: &Tables<'_>, id: u64) -> Result<bool, StoreError> {
+        if self.profiles.contains_key(&id) {
+            return Ok(true);
+        }
+        match db::load_profile(&t.profiles, id)? {
+            Some(p) => {
+                self.profiles.insert(id, p);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn set_link(&mut self, g: &mut Group, ty: &str, value: &str, to: Option<u64>) {
+        id_key(&mut self.key, ty, value);
+        self.ids.insert(self.key.clone(), to);
+        g.dirty_ids.insert(self.key.clone());
+    }
+
+    /// Merges `loser` into `survivor` (both cached): links re-pointed, the loser's
+    /// row removed, `merged` entries kept one hop long.
+    fn merge(&mut self, shared: &Shared, g: &mut Group, survivor: u64, loser: u64, now: i64) {
+        if survivor == loser || !self.profiles.contains_key(&survivor) {
+            return;
+        }
+        let Some(lost) = self.profiles.remove(&loser) else {
+            return;
+        };
+        for (ty, value) in &lost.identities {
+            self.set_link(g, ty, value, Some(survivor));
+        }
+        g.merged.push((loser, survivor));
+        for earlier in &lost.merged_from {
+            g.merged.push((*earlier, survivor));
+        }
+        g.removed.push(loser);
+        g.dirty_profiles.remove(&loser);
+        let dropped = match self.profiles.get_mut(&survivor) {
+            Some(p) => p.merge(lost, &shared.specs, shared.rules.max_identities, now),
+            None => Vec::new(),
+        };
+        for (ty, value) in dropped {
+            self.set_link(g, &ty, &value, None);
+        }
+        g.dirty_profiles.insert(survivor);
+    }
+}
+
+fn prune_enriched(t: &mut Table<'_, u64, &'static [u8]>, through: u64) -> Result<(), StoreError> {
+    let first = t.first().st()?.map(|(k, _)| k.value());
+    let Some(first) = first.filter(|k| *k <= through) else {
+        return Ok(());
+    };
+    let last = through.min(first.saturating_add(MAX_PRUNE - 1));
+    t.retain_in(first..=last, |_, _| false).st()
+}
+
+/// What an erase found before anything is deleted.
+#[derive(Debug)]
+struct EraseTarget {
+    profile: Profile,
+    /// Inbox seqs resolved to the profile (or one merged into it) and still enriched.
+    seqs: Vec<u64>,
+    /// `ids` keys of its identifiers.
+    keys: HashSet<String>,
+}
+
+fn find_erase(
+    shared: &Shared,
+    id_type: &str,
+    value: &str,
+) -> Result<Option<EraseTarget>, StoreError> {
+    let ty = canonical_type(id_type);
+    let Some(value) = shared.rules.normalize(ty, value) else {
+        return Ok(None);
+    };
+    let mut key = String::new();
+    id_key(&mut key, ty, &value);
+    let r = shared.db.begin_read().st()?;
+    let ids = r.open_table(IDS).st()?;
+    let Some(pid) = ids.get(key.as_str()).st()?.map(|v| v.value()) else {
+        return Ok(None);
+    };
+    let profiles = r.open_table(PROFILES).st()?;
+    let Some(profile) = db::load_profile(&profiles, pid)? else {
+        return Ok(None);
+    };
+    let enriched = r.open_table(ENRICHED).st()?;
+    let mut seqs = Vec::new();
+    for row in enriched.iter().st()? {
+        let (k, v) = row.st()?;
+        let e = db::decode_enrichment(k.value(), v.value())?;
+        if e.profile_id != 0 && (e.profile_id == pid || profile.merged_from.contains(&e.profile_id))
+        {
+            seqs.push(k.value());
+        }
+    }
+    let keys = profile
+        .identities
+        .iter()
+        .map(|(t, v)| {
+            let mut k = String::new();
+            id_key(&mut k, t, v);
+            k
+        })
+        .collect();
+    Ok(Some(EraseTarget {
+        profile,
+        seqs,
+        keys,
+    }))
+}
+
+/// Deletes from the inbox every record in `seqs` or carrying one of `keys`; returns
+/// the seqs removed. Runs inside the store's writer (one scan of the inbox).
+fn erase_inbox(
+    shared: Arc<Shared>,
+    seqs: Vec<u64>,
+    keys: HashSet<String>,
+) -> impl FnOnce(&WriteTransaction) -> Result<Vec<u64>, StoreError> + Send + 'static {
+    move |txn| {
+        let mut inbox = txn.open_table(INBOX).st()?;
+        let mut removed = Vec::new();
+        let mut key = String::new();
+        inbox
+            .retain(|seq, bytes| {
+                let listed = seqs.binary_search(&seq).is_ok();
+                let carries = !listed
+                    && postcard::from_bytes::<InboxRecord>(bytes).is_ok_and(|rec| {
+                        let mut idents = Vec::new();
+                        shared.rules.identifiers(&rec.event, &mut idents);
+                        idents.iter().any(|i| {
+                            id_key(&mut key, i.ty, &i.value);
+                            keys.contains(&key)
+                        })
+                    });
+                if listed || carries {
+                    removed.push(seq);
+                    false
+                } else {
+                    true
+                }
+            })
+            .st()?;
+        Ok(removed)
+    }
+}
+
+/// Deletes the profile, its links, the merges into it and its `enriched` rows.
+fn erase_profile(shared: &Shared, target: &EraseTarget, removed: &[u64]) -> Result<(), StoreError> {
+    let pid = target.profile.id;
+    let mut txn = shared.db.begin_write().st()?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
+    {
+        let mut t = Tables::open(&txn)?;
+        for key in &target.keys {
+            t.ids.remove(key.as_str()).st()?;
+        }
+        t.profiles.remove(pid).st()?;
+        t.merged
+            .retain(|loser, survivor| {
+                survivor != pid && !target.profile.merged_from.contains(&loser)
+            })
+            .st()?;
+        for seq in target.seqs.iter().chain(removed) {
+            t.enriched.remove(*seq).st()?;
+        }
+    }
+    txn.commit().st()
+}
+
+/// Runs an erase; the caller clears the resolver's cache afterwards.
+async fn erase(
+    shared: &Arc<Shared>,
+    store: &Store,
+    id_type: String,
+    value: String,
+) -> Result<Option<Erased>, StoreError> {
+    let sh = Arc::clone(shared);
+    let found = tokio::task::spawn_blocking(move || find_erase(&sh, &id_type, &value))
+        .await
+        .map_err(|e| StoreError::Storage(format!("erase: {e}")))??;
+    let Some(mut target) = found else {
+        return Ok(None);
+    };
+    target.seqs.sort_unstable();
+    let removed = store
+        .apply(erase_inbox(
+            Arc::clone(shared),
+            target.seqs.clone(),
+            target.keys.clone(),
+        ))
+        .await?;
+    let sh = Arc::clone(shared);
+    let (target, removed) = tokio::task::spawn_blocking(move || {
+        erase_profile(&sh, &target, &removed).map(|()| (target, removed))
+    })
+    .await
+    .map_err(|e| StoreError::Storage(format!("erase: {e}")))??;
+    let profile = target.profile;
+    let user_ids = profile
+        .identities
+        .iter()
+        .filter(|(t, _)| t == CUSTOMER_ID || t == ANONYMOUS_ID)
+        .map(|(_, v)| v.clone())
+        .collect();
+    info!(
+        profile = profile.id,
+        queued = removed.len(),
+        "Profile erased."
+    );
+    Ok(Some(Erased {
+        profile_id: profile.id,
+        identities: profile.identities,
+        devices: profile.devices.into_iter().map(DeviceId).collect(),
+        user_ids,
+        queued_removed: removed.len() as u64,
+    }))
+}
+
+fn load_cursor(shared: &Shared) -> Result<u64, StoreError> {
+    let r = shared.db.begin_read().st()?;
+    let meta = r.open_table(META).st()?;
+    db::meta_get(&meta, CURSOR)
+}
+
+/// Reads the next group after `cursor` and resolves it; returns the new cursor.
+fn step(resolver: &mut Resolver, store: &Store, cursor: u64, head: u64) -> Result<u64, StoreError> {
+    let records = store.read_inbox(cursor, GROUP_MAX)?;
+    // Fewer than a full group: everything committed up to `head` was read (records
+    // erased meanwhile are simply absent), so the cursor may move to `head`.
+    let through = match records.last() {
+        Some((last, _)) if records.len() >= GROUP_MAX => *last,
+        Some((last, _)) => (*last).max(head),
+        None => head,
+    };
+    if through <= cursor {
+        return Ok(cursor);
+    }
+    resolver.resolve_group(&records, through, store.min_done(), now_ms())?;
+    Ok(through)
+}
+
+/// The stage loop (see the module doc).
+pub async fn run(
+    shared: Arc<Shared>,
+    mut erases: tokio::sync::mpsc::Receiver<EraseRequest>,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut cursor = loop {
+        let sh = Arc::clone(&shared);
+        match tokio::task::spawn_blocking(move || load_cursor(&sh)).await {
+            Ok(Ok(c)) => break c,
+            Ok(Err(e)) => warn!(error = %e, "Cannot read the profile cursor; retrying."),
+            Err(e) => warn!(error = %e, "Cursor read task failed; retrying."),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    };
+    store.set_done(STAGE_NAME, cursor);
+    shared.resolved.send_replace(cursor);
+    let mut head_rx = store.head();
+    let mut resolver = Some(Resolver::new(Arc::clone(&shared)));
+    backoff = BACKOFF_MIN;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        while let Ok(req) = erases.try_recv() {
+            handle_erase(&shared, &store, &mut resolver, req).await;
+        }
+        let head = *head_rx.borrow_and_update();
+        if head <= cursor {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = head_rx.changed() => {
+                    if changed.is_err() {
+                        // The store is gone: nothing more will arrive.
+                        shutdown.cancelled().await;
+                        return;
+                    }
+                }
+                Some(req) = erases.recv() => handle_erase(&shared, &store, &mut resolver, req).await,
+            }
+            continue;
+        }
+        let mut r = resolver
+            .take()
+            .unwrap_or_else(|| Resolver::new(Arc::clone(&shared)));
+        let st = Arc::clone(&store);
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = step(&mut r, &st, cursor, head);
+            (r, result)
+        })
+        .await;
+        let failure = match joined {
+            Ok((r, Ok(through))) => {
+                resolver = Some(r);
+                cursor = through;
+                shared.resolved.send_replace(cursor);
+                store.set_done(STAGE_NAME, cursor);
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            Ok((r, Err(e))) => {
+                resolver = Some(r);
+                e.to_string()
+            }
+            Err(e) => format!("resolver task failed: {e}"),
+        };
+        error!(error = %failure, cursor, "Profile resolution failed; retrying (nothing of this group was committed).");
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn handle_erase(
+    shared: &Arc<Shared>,
+    store: &Store,
+    resolver: &mut Option<Resolver>,
+    req: EraseRequest,
+) {
+    let result = erase(shared, store, req.id_type, req.value).await;
+    if let Some(r) = resolver.as_mut() {
+        r.clear();
+    }
+    let _ = req.reply.send(result);
+}
+
+/// Creates `n` profiles (customer id `seed-<p>`, anonymous id `seed-anon-<p>`) in
+/// large transactions, for benchmarks that need a populated store. Not while the
+/// stage runs: it writes next to it.
+pub fn bulk_seed(shared: &Shared, n: u64) -> Result<(), StoreError> {
+    const CHUNK: u64 = 50_000;
+    let mut done = 0;
+    let mut key = String::new();
+    let mut buf = Vec::new();
+    while done < n {
+        let txn = shared.db.begin_write().st()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            let mut next = db::meta_get(&t.meta, NEXT_PROFILE)?.max(1);
+            let now = now_ms();
+            for _ in 0..CHUNK.min(n - done) {
+                let id = next;
+                next += 1;
+                let mut p = Profile::new(id, now);
+                p.identities = vec![
+                    (CUSTOMER_ID.to_owned(), format!("seed-{id}")),
+                    (ANONYMOUS_ID.to_owned(), format!("seed-anon-{id}")),
+                ];
+                for (ty, v) in &p.identities {
+                    id_key(&mut key, ty, v);
+                    t.ids.insert(key.as_str(), id).st()?;
+                }
+                buf.clear();
+                buf = postcard::to_extend(&p, std::mem::take(&mut buf))
+                    .map_err(|e| StoreError::Storage(format!("encode profile: {e}")))?;
+                t.profiles.insert(id, buf.as_slice()).st()?;
+                done += 1;
+            }
+            t.meta.insert(NEXT_PROFILE, next).st()?;
+        }
+        txn.commit().st()?;
+    }
+    Ok(())
+}
+
+/// Profiles stored.
+pub fn count(shared: &Shared) -> Result<u64, StoreError> {
+    let r = shared.db.begin_read().st()?;
+    r.open_table(PROFILES).st()?.len().st()
+}
