@@ -333,3 +333,84 @@ fn number(v: &Value) -> Option<f64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_agent::model::{EventKind, Source};
+
+    const DAY: i64 = 24 * 3600 * 1000;
+
+    fn spec(toml_text: &str) -> Spec {
+        let c: ComputedConfig = toml::from_str(toml_text).unwrap();
+        Spec::new(&c)
+    }
+
+    fn order(revenue: f64, product: &str) -> Event {
+        let mut e = Event::new(EventKind::Track, Source::Segment, 0);
+        e.name = Some("Order".into());
+        e.properties.insert("revenue", Value::Float(revenue));
+        e.properties.insert("product", Value::from(product));
+        e
+    }
+
+    #[test]
+    fn windowed_count_forgets_events_as_time_passes() {
+        let s = spec("name = 'orders_7d'\nkind = 'count'\nevent = 'Order'\nwindow = '7d'");
+        let now = 100 * DAY;
+        let mut st = s.empty();
+        assert!(
+            !s.update(&mut st, &order(1.0, "x"), now - 10 * DAY, now),
+            "too old"
+        );
+        assert!(s.update(&mut st, &order(1.0, "x"), now - 6 * DAY, now));
+        assert!(s.update(&mut st, &order(1.0, "x"), now - DAY, now));
+        assert_eq!(s.current(Some(&st), now), Value::Int(2));
+        assert_eq!(s.current(Some(&st), now + 2 * DAY), Value::Int(1));
+        assert_eq!(s.current(Some(&st), now + 7 * DAY), Value::Int(0));
+    }
+
+    #[test]
+    fn events_of_other_names_do_not_count() {
+        let s = spec("name = 'orders'\nkind = 'count'\nevent = 'Order'");
+        let mut st = s.empty();
+        let mut other = order(1.0, "x");
+        other.name = Some("Play".into());
+        assert!(!s.update(&mut st, &other, 0, 0));
+        assert_eq!(s.current(Some(&st), 0), Value::Int(0));
+    }
+
+    #[test]
+    fn merged_states_add_counts_and_sums_and_keep_first_last_and_union() {
+        let now = 50 * DAY;
+        let specs = [
+            spec("name = 'n'\nkind = 'count'"),
+            spec("name = 's'\nkind = 'sum'\nproperty = 'revenue'"),
+            spec("name = 'f'\nkind = 'first'\nproperty = 'product'"),
+            spec("name = 'l'\nkind = 'last'\nproperty = 'product'"),
+            spec("name = 'u'\nkind = 'unique'\nproperty = 'product'\nmax_values = 3"),
+        ];
+        let a_events = [(10.0, "x", 2 * DAY), (5.0, "y", 4 * DAY)];
+        let b_events = [(7.0, "z", DAY), (1.0, "w", 3 * DAY)];
+        for s in &specs {
+            let mut a = s.empty();
+            for (r, p, t) in a_events {
+                s.update(&mut a, &order(r, p), t, now);
+            }
+            let mut b = s.empty();
+            for (r, p, t) in b_events {
+                s.update(&mut b, &order(r, p), t, now);
+            }
+            s.merge(&mut a, b, now);
+            let got = s.current(Some(&a), now);
+            let want = match s.name.as_str() {
+                "n" => Value::Int(4),
+                "s" => Value::Float(23.0),
+                "f" => Value::from("z"),
+                "l" => Value::from("y"),
+                _ => Value::Array(vec!["x".into(), "y".into(), "z".into()]),
+            };
+            assert_eq!(got, want, "{}", s.name);
+        }
+    }
+}

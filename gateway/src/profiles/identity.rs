@@ -283,3 +283,151 @@ pub fn canonical_type(ty: &str) -> &str {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_agent::model::{Source, Value};
+
+    fn rules() -> Rules {
+        Rules::new(&IdentityConfig::default())
+    }
+
+    fn event(user: Option<&str>, anon: Option<&str>) -> Event {
+        let mut e = Event::new(EventKind::Track, Source::Segment, 0);
+        e.identities.user_id = user.map(String::from);
+        e.identities.anonymous_id = anon.map(String::from);
+        e
+    }
+
+    fn plan_for(
+        rules: &Rules,
+        e: &Event,
+        found: &[Option<u64>],
+        held: &[(u64, &'static str, &'static str)],
+    ) -> Plan {
+        let mut ids = Vec::new();
+        rules.identifiers(e, &mut ids);
+        plan(&ids, found, rules.unique_types(), |p, t| {
+            held.iter()
+                .find(|(hp, ht, _)| *hp == p && *ht == t)
+                .map(|(_, _, v)| *v)
+        })
+    }
+
+    #[test]
+    fn blocklisted_values_are_no_identifiers_whatever_their_case_or_spacing() {
+        let r = rules();
+        let mut e = event(Some("0"), Some(" NULL "));
+        e.traits.insert("email", Value::from("Test@Example.com"));
+        let mut ids = Vec::new();
+        r.identifiers(&e, &mut ids);
+        assert!(ids.is_empty(), "{ids:?}");
+    }
+
+    #[test]
+    fn emails_are_lowercased_and_mparticle_identities_keep_their_names() {
+        let r = rules();
+        let mut e = event(None, None);
+        e.identities
+            .other
+            .push(("email".into(), " Ann@Example.org ".into()));
+        e.identities
+            .other
+            .push(("mobile_number".into(), "+100".into()));
+        e.identities.other.push(("customer_id".into(), "c9".into()));
+        let mut ids = Vec::new();
+        r.identifiers(&e, &mut ids);
+        let got: Vec<(&str, &str)> = ids.iter().map(|i| (i.ty, &*i.value)).collect();
+        assert_eq!(
+            got,
+            [
+                ("customer_id", "c9"),
+                ("email", "ann@example.org"),
+                ("mobile_number", "+100")
+            ]
+        );
+    }
+
+    #[test]
+    fn device_id_links_only_when_configured() {
+        let mut e = event(None, None);
+        e.identities.device_id = edge_agent::model::DeviceId("tv-1".into());
+        let mut ids = Vec::new();
+        rules().identifiers(&e, &mut ids);
+        assert!(ids.is_empty());
+        let mut config = IdentityConfig::default();
+        config.link.push(DEVICE_ID.into());
+        Rules::new(&config).identifiers(&e, &mut ids);
+        assert_eq!(ids.len(), 1);
+    }
+
+    #[test]
+    fn a_second_customer_on_a_shared_anonymous_id_gets_a_new_profile() {
+        // anonymous id A is held by profile 1, which holds customer u1.
+        let r = rules();
+        let p = plan_for(
+            &r,
+            &event(Some("u2"), Some("A")),
+            &[None, Some(1)],
+            &[(1, "customer_id", "u1")],
+        );
+        assert_eq!(p.target, Target::New);
+        assert_eq!(p.link, [0], "only the customer id is linked; A stays");
+        assert!(p.merge.is_empty());
+    }
+
+    #[test]
+    fn a_known_customer_id_anchors_the_event_even_if_its_anonymous_id_is_elsewhere() {
+        let r = rules();
+        let p = plan_for(
+            &r,
+            &event(Some("u2"), Some("A")),
+            &[Some(2), Some(1)],
+            &[(1, "customer_id", "u1"), (2, "customer_id", "u2")],
+        );
+        assert_eq!(p.target, Target::Existing(2));
+        assert!(p.merge.is_empty() && p.link.is_empty());
+    }
+
+    #[test]
+    fn compatible_profiles_merge_into_the_lowest_id() {
+        let r = rules();
+        let p = plan_for(
+            &r,
+            &event(Some("u1"), Some("A")),
+            &[Some(7), Some(3)],
+            &[(7, "customer_id", "u1")],
+        );
+        assert_eq!(p.target, Target::Existing(3));
+        assert_eq!(p.merge, [7]);
+    }
+
+    #[test]
+    fn alias_merges_the_previous_anonymous_profile_into_the_users() {
+        let r = rules();
+        let mut e = event(Some("u1"), None);
+        e.kind = EventKind::Alias;
+        e.identities.previous_id = Some("anon-9".into());
+        // customer u1 → 5; previous as anonymous id → 4; previous as customer id → none.
+        let p = plan_for(
+            &r,
+            &e,
+            &[Some(5), Some(4), None],
+            &[(5, "customer_id", "u1")],
+        );
+        assert_eq!(p.target, Target::Existing(4));
+        assert_eq!(p.merge, [5]);
+        assert!(
+            p.link.is_empty(),
+            "a lookup-only identifier is never linked"
+        );
+    }
+
+    #[test]
+    fn no_identifiers_means_no_profile() {
+        let r = rules();
+        let p = plan_for(&r, &event(None, Some("undefined")), &[], &[]);
+        assert_eq!(p.target, Target::Nobody);
+    }
+}
