@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod http;
 pub mod mosquitto;
+pub mod wireload;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
