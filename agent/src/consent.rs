@@ -171,6 +171,12 @@ impl ConsentBook {
         self.subjects.get(subject)
     }
 
+    /// Forgets what `subject` answered (its data was erased upstream); true when there
+    /// was something to forget. Its next events meet the configured default again.
+    pub fn forget(&mut self, subject: &str) -> bool {
+        self.subjects.remove(subject).is_some()
+    }
+
     /// Applies an update for `subject`; returns the change when anything changed.
     /// Updates older than what is known are ignored (offline events arrive late).
     pub fn apply(&mut self, subject: &str, update: &ConsentUpdate) -> Option<ConsentChange> {
@@ -329,6 +335,16 @@ mod tests {
         assert!(book
             .apply("u", &update(&[("analytics", false)], 20))
             .is_none());
+    }
+
+    #[test]
+    fn a_forgotten_subject_meets_the_default_again() {
+        let mut book = ConsentBook::new(policy("grant"), HashMap::new());
+        book.apply("u", &update(&[("analytics", false)], 10));
+        assert!(book.policy().check(book.get("u"), &track("Play")).is_err());
+        assert!(book.forget("u"));
+        assert!(!book.forget("u"));
+        assert!(book.policy().check(book.get("u"), &track("Play")).is_ok());
     }
 
     #[test]

@@ -110,6 +110,28 @@ impl Enricher {
         }
     }
 
+    /// Forgets `id` wherever a device remembers it as its user or anonymous id (its
+    /// data was erased upstream): that device starts over with no user, a new
+    /// anonymous id and a new session, so its next events do not carry the erased
+    /// identity. Returns how many devices changed; they are persisted with the next
+    /// [`Enricher::take_dirty`].
+    pub fn forget_user(&mut self, id: &str) -> usize {
+        let mut changed = 0;
+        for (device, state) in &mut self.devices {
+            if state.user_id.as_deref() == Some(id) || state.anonymous_id.as_deref() == Some(id) {
+                *state = DeviceState {
+                    last_seen_ms: state.last_seen_ms,
+                    ..DeviceState::default()
+                };
+                if !self.dirty.contains(device) {
+                    self.dirty.push(device.clone());
+                }
+                changed += 1;
+            }
+        }
+        changed
+    }
+
     /// Device states changed since the last call, to persist with the next commit.
     pub fn take_dirty(&mut self) -> Vec<(DeviceId, DeviceState)> {
         std::mem::take(&mut self.dirty)
@@ -198,6 +220,27 @@ mod tests {
             first.event.identities.anonymous_id
         );
         assert_eq!(later.event.context.get_str("app"), Some("tv"));
+    }
+
+    #[test]
+    fn a_forgotten_user_is_not_carried_over_and_gets_a_new_anonymous_id() {
+        let mut en = enricher(false);
+        let mut first = incoming(Some("u1"), None);
+        en.enrich(&mut first, 0);
+        en.take_dirty();
+        assert_eq!(en.forget_user("someone-else"), 0);
+        assert_eq!(en.forget_user("u1"), 1);
+        let dirty = en.take_dirty();
+        assert_eq!(dirty.len(), 1);
+        assert_eq!(dirty[0].1.user_id, None);
+        let mut later = incoming(None, None);
+        en.enrich(&mut later, 1000);
+        assert_eq!(later.event.identities.user_id, None);
+        assert!(later.event.identities.anonymous_id.is_some());
+        assert_ne!(
+            later.event.identities.anonymous_id,
+            first.event.identities.anonymous_id
+        );
     }
 
     #[test]

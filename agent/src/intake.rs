@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 use tracing::debug;
 
 use crate::config::{AgentConfig, RouteConfig};
-use crate::consent::{change_properties, ConsentBook, ConsentChange, ConsentPolicy};
+use crate::consent::{change_properties, ConsentBook, ConsentChange, ConsentPolicy, ConsentUpdate};
 use crate::enrich::Enricher;
 use crate::ingest::Incoming;
 use crate::model::{now_ms, Event, EventKind, Source};
@@ -26,6 +26,17 @@ pub struct Accepted {
     pub denied: u64,
     /// Consent changes recorded.
     pub consent_changes: usize,
+}
+
+/// What erasing a user did on this agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Purged {
+    /// Queued events removed.
+    pub events: u64,
+    /// Whether a consent record was forgotten.
+    pub consent: bool,
+    /// Devices that remembered the user and start over with a new anonymous id.
+    pub devices: usize,
 }
 
 #[derive(Debug)]
@@ -118,6 +129,56 @@ impl Intake {
         Ok(accepted)
     }
 
+    /// Erases what this agent holds of `user_id` (a data subject request carried out
+    /// upstream): its queued events (by user id or anonymous id), its consent record,
+    /// and the device memory of it, all in one commit. Under the intake lock, so no
+    /// event of that user admitted before the purge can be committed after it.
+    /// Idempotent: a second purge finds nothing more.
+    pub async fn purge_user(&self, user_id: &str) -> Result<Purged, SpoolError> {
+        let (receiver, consent, devices) = {
+            let mut st = self.state.lock().await;
+            let consent = st.consent.forget(user_id);
+            let devices = st.enricher.forget_user(user_id);
+            let dirty = st.enricher.take_dirty();
+            (
+                self.spool.enqueue_purge_user(user_id, dirty).await?,
+                consent,
+                devices,
+            )
+        };
+        let events = receiver.await.map_err(|_| SpoolError::Closed)??;
+        Ok(Purged {
+            events,
+            consent,
+            devices,
+        })
+    }
+
+    /// Applies consent decided upstream for `subject` through the same book and commit
+    /// as `PUT /v1/consent`: an older decision than the one held is ignored, and
+    /// queued events needing a purpose it revokes are purged in the same commit.
+    /// Returns whether anything changed. No consent event goes back upstream: the
+    /// decision came from there.
+    pub async fn set_consent(
+        &self,
+        subject: &str,
+        update: ConsentUpdate,
+    ) -> Result<bool, SpoolError> {
+        let receiver = {
+            let mut st = self.state.lock().await;
+            let Some(change) = st.consent.apply(subject, &update) else {
+                return Ok(false);
+            };
+            let req = AppendRequest {
+                consent: vec![change],
+                ..AppendRequest::default()
+            };
+            self.spool.enqueue_append(req).await?
+        };
+        receiver.await.map_err(|_| SpoolError::Closed)??;
+        Ok(true)
+    }
+
     fn consent_event(&self, change: &ConsentChange, cause: &Event, now: i64) -> Event {
         let mut e = Event::new(EventKind::Consent, Source::Agent, now);
         e.timestamp_ms = cause.timestamp_ms;
@@ -139,5 +200,183 @@ impl Intake {
                             .is_some_and(|n| r.names.iter().any(|x| x == n)))
             })
             .map_or(self.default_lane.as_str(), |r| r.lane.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::model::{EventKind, Map, Source};
+    use crate::Agent;
+
+    const CONFIG: &str = r#"
+        [agent]
+        device_id = "tv-1"
+        [consent]
+        unknown = "grant"
+        purposes = [{ name = "analytics" }]
+        [[consent.rules]]
+        types = ["track"]
+        purposes = ["analytics"]
+    "#;
+
+    fn open(dir: &Path) -> Agent {
+        let config = AgentConfig::parse(CONFIG, Path::new("agent.toml")).unwrap();
+        Agent::open(config, dir).unwrap()
+    }
+
+    fn track(user: Option<&str>, anonymous: Option<&str>, name: &str) -> Incoming {
+        let mut event = Event::new(EventKind::Track, Source::Local, now_ms());
+        event.name = Some(name.into());
+        event.identities.user_id = user.map(str::to_owned);
+        event.identities.anonymous_id = anonymous.map(str::to_owned);
+        Incoming {
+            event,
+            consent: None,
+            device_hint: None,
+        }
+    }
+
+    fn consent(user: &str, granted: bool, at_ms: i64) -> Incoming {
+        let mut event = Event::new(EventKind::Consent, Source::Local, now_ms());
+        event.identities.user_id = Some(user.into());
+        Incoming {
+            event,
+            consent: Some(ConsentUpdate {
+                purposes: vec![("analytics".into(), granted)],
+                ccpa_opt_out: None,
+                at_ms,
+            }),
+            device_hint: None,
+        }
+    }
+
+    /// `(user id, anonymous id, name)` of every queued event.
+    fn queued(agent: &Agent) -> Vec<(Option<String>, Option<String>, Option<String>)> {
+        let mut out = Vec::new();
+        agent
+            .spool()
+            .for_each_event(|e| {
+                let ids = &e.identities;
+                out.push((
+                    ids.user_id.clone(),
+                    ids.anonymous_id.clone(),
+                    e.name.clone(),
+                ));
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn purging_a_user_removes_its_events_consent_and_memory_once_and_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = open(dir.path());
+        agent
+            .submit(vec![
+                track(Some("u-keep"), None, "keep-1"),
+                consent("u-erase", true, 1),
+                track(Some("u-erase"), None, "erase-1"),
+                track(Some("u-erase"), None, "erase-2"),
+                track(Some("u-keep"), None, "keep-2"),
+                track(Some("u-erase"), None, "erase-3"),
+                // Last: the device remembers this anonymous id for later events.
+                track(None, Some("u-erase"), "erase-anonymous"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(queued(&agent).len(), 7, "six tracks and the consent event");
+
+        let purged = agent.intake.purge_user("u-erase").await.unwrap();
+        assert_eq!(purged.events, 5, "four tracks and the consent event");
+        assert!(purged.consent);
+        assert_eq!(purged.devices, 1, "tv-1 remembered u-erase last");
+        let left = queued(&agent);
+        assert_eq!(
+            left.iter()
+                .map(|l| l.2.as_deref().unwrap())
+                .collect::<Vec<_>>(),
+            ["keep-1", "keep-2"]
+        );
+        assert!(left.iter().all(|l| l.1.as_deref() != Some("u-erase")));
+        assert_eq!(agent.spool().check().unwrap(), Vec::<String>::new());
+        assert_eq!(agent.spool().stats().drops.total(), 0, "not a drop");
+
+        let again = agent.intake.purge_user("u-erase").await.unwrap();
+        assert_eq!((again.events, again.consent, again.devices), (0, false, 0));
+        let erasures = agent.spool().erasures();
+        assert_eq!((erasures.purges, erasures.events), (2, 5));
+
+        // The device no longer carries the erased user into later events.
+        agent.track("later", None, Map::new()).await.unwrap();
+        let later = queued(&agent).pop().unwrap();
+        assert_eq!(later.0, None);
+        agent.spool().close().await;
+        drop(agent);
+
+        let agent = open(dir.path());
+        let erasures = agent.spool().erasures();
+        assert_eq!((erasures.purges, erasures.events), (2, 5), "persisted");
+        let st = agent.intake.state.lock().await;
+        assert!(st.consent.get("u-erase").is_none(), "consent record gone");
+        drop(st);
+        agent
+            .track("after-restart", None, Map::new())
+            .await
+            .unwrap();
+        assert_eq!(queued(&agent).pop().unwrap().0, None);
+        agent.spool().close().await;
+    }
+
+    #[tokio::test]
+    async fn consent_from_upstream_purges_what_it_revokes_and_older_decisions_lose() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = open(dir.path());
+        agent
+            .submit(vec![
+                track(Some("u1"), None, "a"),
+                track(Some("u1"), None, "b"),
+                track(Some("u2"), None, "c"),
+            ])
+            .await
+            .unwrap();
+        let revoke = ConsentUpdate {
+            purposes: vec![("analytics".into(), false)],
+            ccpa_opt_out: None,
+            at_ms: 10,
+        };
+        assert!(agent
+            .intake
+            .set_consent("u1", revoke.clone())
+            .await
+            .unwrap());
+        assert!(
+            !agent.intake.set_consent("u1", revoke).await.unwrap(),
+            "the same decision again changes nothing"
+        );
+        let older = ConsentUpdate {
+            purposes: vec![("analytics".into(), true)],
+            ccpa_opt_out: None,
+            at_ms: 5,
+        };
+        assert!(!agent.intake.set_consent("u1", older).await.unwrap());
+        assert_eq!(agent.spool().stats().drops.consent_purged, 2);
+        assert_eq!(
+            queued(&agent)
+                .iter()
+                .map(|l| l.2.as_deref().unwrap())
+                .collect::<Vec<_>>(),
+            ["c"],
+            "no consent event goes back upstream"
+        );
+        let accepted = agent
+            .submit(vec![track(Some("u1"), None, "d")])
+            .await
+            .unwrap();
+        assert_eq!(accepted.denied, 1, "u1 revoked analytics");
+        agent.spool().close().await;
     }
 }

@@ -142,6 +142,7 @@ impl Agent {
                 model::DeviceId(self.device_id.clone()),
                 Arc::clone(&self.spool),
             )
+            .with_intake(Arc::clone(&self.intake))
         });
         let api = Arc::new(http::Api::new(
             Arc::clone(&self.intake),

@@ -48,6 +48,8 @@ pub struct Status {
     pub healthy: bool,
     pub lanes: Vec<LaneReport>,
     pub totals: Totals,
+    /// What the gateway's erasure requests removed here.
+    pub erasure: ErasureReport,
     /// Fleet mode: events accepted per device.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceReport>,
@@ -71,6 +73,14 @@ pub struct Totals {
     pub accepted: u64,
     pub queued: u64,
     pub dropped: std::collections::BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErasureReport {
+    /// Purge requests for a user carried out (one sent again counts again).
+    pub purged_users: u64,
+    /// Queued events they removed (not in `totals.dropped`: the gateway asked).
+    pub events_erased: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,6 +129,13 @@ pub fn status(spool: &Spool, device_id: String, fleet: bool) -> Status {
             queued: lanes.iter().map(|l| l.events).sum(),
             dropped: stats.drops.by_reason().into_iter().collect(),
         },
+        erasure: {
+            let e = spool.erasures();
+            ErasureReport {
+                purged_users: e.purges,
+                events_erased: e.events,
+            }
+        },
         lanes,
         devices,
         uplink: None,
@@ -146,6 +163,17 @@ pub fn metrics(spool: &Spool, http: &HttpCounters) -> String {
             "edge_agent_events_dropped_total{{reason=\"{reason}\"}} {n}"
         );
     }
+    let erasures = spool.erasures();
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_user_purges_total Erasure requests for a user carried out.\n# TYPE edge_agent_user_purges_total counter\nedge_agent_user_purges_total {}",
+        erasures.purges
+    );
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_events_erased_total Queued events removed by erasure requests.\n# TYPE edge_agent_events_erased_total counter\nedge_agent_events_erased_total {}",
+        erasures.events
+    );
     let _ = writeln!(
         out,
         "# HELP edge_agent_spool_events Events queued per lane."

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use redb::ReadableTable;
 use tokio::sync::{mpsc, oneshot};
 
-pub use stats::{Drops, LaneLevel, SpoolStats};
+pub use stats::{Drops, Erasures, LaneLevel, SpoolStats};
 pub use store::Recovered;
 
 use crate::config::{LaneConfig, SpoolConfig};
@@ -180,6 +180,8 @@ pub(crate) struct Shared {
     policy: ConsentPolicy,
     compact_after: u64,
     stats: Mutex<SpoolStats>,
+    /// Written by the writer only, after the commit that holds it.
+    erasures: Mutex<Erasures>,
     /// `next_seq` after the last commit: the uplink waits on it for new events.
     committed: tokio::sync::watch::Sender<u64>,
 }
@@ -219,6 +221,7 @@ impl Spool {
         let store = Store::open(path, cache, lanes)?;
         let recovered = store.recover(configured_device_id)?;
         let stats = store.load_stats()?;
+        let erasures = store.load_erasures()?;
         let shared = Arc::new(Shared {
             store,
             lanes: config.lanes.clone(),
@@ -226,6 +229,7 @@ impl Spool {
             compact_after: config.compact_after.0,
             committed: tokio::sync::watch::channel(stats.next_seq).0,
             stats: Mutex::new(stats.clone()),
+            erasures: Mutex::new(erasures),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let writer_shared = Arc::clone(&shared);
@@ -298,6 +302,51 @@ impl Spool {
             reply,
         })
         .await
+    }
+
+    /// Erases `user_id`'s data in one commit: every queued event whose user id or
+    /// anonymous id is `user_id`, and its consent record; `devices` are device states
+    /// to persist in the same commit (the intake's, with the user forgotten). Returns
+    /// how many events were removed. Doing it again removes nothing more.
+    pub async fn purge_user(
+        &self,
+        user_id: &str,
+        devices: Vec<(DeviceId, DeviceState)>,
+    ) -> Result<u64, SpoolError> {
+        let user_id = user_id.to_owned();
+        self.call(|reply| Command::PurgeUser {
+            user_id,
+            devices,
+            reply,
+        })
+        .await
+    }
+
+    /// Like [`Spool::purge_user`], but only enqueues (see [`Spool::enqueue_append`]).
+    pub async fn enqueue_purge_user(
+        &self,
+        user_id: &str,
+        devices: Vec<(DeviceId, DeviceState)>,
+    ) -> Result<oneshot::Receiver<Result<u64, SpoolError>>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::PurgeUser {
+                user_id: user_id.to_owned(),
+                devices,
+                reply,
+            })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        Ok(rx)
+    }
+
+    /// What purge requests erased, as of the last commit.
+    pub fn erasures(&self) -> Erasures {
+        *self
+            .shared
+            .erasures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Lowest queued seq of `lane` (everything below was delivered or dropped).

@@ -37,6 +37,17 @@ impl Drops {
     }
 }
 
+/// What data subject requests erased here (`Control::PurgeUser` from the gateway).
+/// Kept apart from [`Drops`]: those travel in every uplink batch, and the gateway
+/// asked for these itself. Field order is part of the stored encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Erasures {
+    /// Purge requests carried out (a request the gateway sends again counts again).
+    pub purges: u64,
+    /// Queued events removed by them.
+    pub events: u64,
+}
+
 /// Level of one lane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LaneLevel {

@@ -7,6 +7,7 @@
 //! | `lane:<name>`    | `u64` seq          | postcard [`Event`]                      |
 //! | `meta`           | `"stats"`          | postcard [`SpoolStats`]                 |
 //! | `meta`           | `"device_id"`      | UTF-8 device id                         |
+//! | `meta`           | `"erasures"`       | postcard [`Erasures`]                   |
 //! | `consent`        | subject            | postcard [`SubjectConsent`]             |
 //! | `devices`        | device id          | postcard [`DeviceState`]                |
 //! | `device_counts`  | device id          | `u64` events accepted from that device  |
@@ -23,7 +24,7 @@ use std::sync::{PoisonError, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::stats::SpoolStats;
+use super::stats::{Erasures, SpoolStats};
 use super::{RedbResultExt, SpoolError};
 use crate::consent::SubjectConsent;
 use crate::enrich::DeviceState;
@@ -35,6 +36,7 @@ pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("d
 pub(crate) const DEVICE_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("device_counts");
 
 pub(crate) const STATS_KEY: &str = "stats";
+pub(crate) const ERASURES_KEY: &str = "erasures";
 const DEVICE_ID_KEY: &str = "device_id";
 
 /// Name of the redb table holding one lane.
@@ -162,6 +164,19 @@ impl Store {
                 },
             };
             Ok(stats)
+        })
+    }
+
+    pub(crate) fn load_erasures(&self) -> Result<Erasures, SpoolError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().spool()?;
+            let meta = txn.open_table(META).spool()?;
+            let erasures = match meta.get(ERASURES_KEY).spool()? {
+                Some(v) => postcard::from_bytes(v.value())
+                    .map_err(|e| SpoolError::Corrupt(format!("spool erasures: {e}")))?,
+                None => Erasures::default(),
+            };
+            Ok(erasures)
         })
     }
 

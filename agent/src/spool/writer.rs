@@ -14,11 +14,13 @@ use tracing::{error, info, warn};
 
 use super::stats::SpoolStats;
 use super::store::{
-    decode_event, lane_def, lane_table, CONSENT, DEVICES, DEVICE_COUNTS, META, STATS_KEY,
+    decode_event, lane_def, lane_table, CONSENT, DEVICES, DEVICE_COUNTS, ERASURES_KEY, META,
+    STATS_KEY,
 };
 use super::{AppendOutcome, Prepared, RedbResultExt, Shared, SpoolError};
 use crate::config::WhenFull;
-use crate::model::Seq;
+use crate::enrich::DeviceState;
+use crate::model::{DeviceId, Seq};
 
 /// Most commands folded into one transaction.
 pub(crate) const MAX_GROUP: usize = 128;
@@ -39,6 +41,12 @@ pub(crate) enum Command {
         now_ms: i64,
         reply: oneshot::Sender<Result<u64, SpoolError>>,
     },
+    /// Erase a user's queued events and consent (see [`super::Spool::purge_user`]).
+    PurgeUser {
+        user_id: String,
+        devices: Vec<(DeviceId, DeviceState)>,
+        reply: oneshot::Sender<Result<u64, SpoolError>>,
+    },
     /// Finish what is queued before this, then exit.
     Stop,
 }
@@ -50,6 +58,7 @@ enum Reply {
     ),
     Remove(oneshot::Sender<Result<usize, SpoolError>>, usize),
     Sweep(oneshot::Sender<Result<u64, SpoolError>>, u64),
+    Purge(oneshot::Sender<Result<u64, SpoolError>>, u64),
 }
 
 impl Reply {
@@ -59,6 +68,7 @@ impl Reply {
             Reply::Append(tx, r) => drop(tx.send(r)),
             Reply::Remove(tx, n) => drop(tx.send(Ok(n))),
             Reply::Sweep(tx, n) => drop(tx.send(Ok(n))),
+            Reply::Purge(tx, n) => drop(tx.send(Ok(n))),
         }
     }
 
@@ -67,6 +77,7 @@ impl Reply {
             Reply::Append(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Remove(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Sweep(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Purge(tx, _) => drop(tx.send(Err(e.clone()))),
         }
     }
 }
@@ -100,6 +111,11 @@ pub(crate) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>, mut stat
 
 fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
     let mut tentative = stats.clone();
+    let mut erasures = *shared
+        .erasures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let erasures_before = erasures;
     let mut replies = Vec::with_capacity(group.len());
     let mut pending = group.into_iter();
     let result = shared.store.with_db(|db| {
@@ -144,8 +160,31 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                         }
                     }
                 }
+                Command::PurgeUser {
+                    user_id,
+                    devices,
+                    reply,
+                } => match purge_user(shared, &txn, &mut tentative, &user_id, &devices) {
+                    Ok(n) => {
+                        erasures.purges += 1;
+                        erasures.events += n;
+                        replies.push(Reply::Purge(reply, n));
+                    }
+                    Err(e) => {
+                        drop(reply.send(Err(e.clone())));
+                        return Err(e);
+                    }
+                },
                 Command::Stop => {}
             }
+        }
+        if erasures != erasures_before {
+            let encoded =
+                postcard::to_stdvec(&erasures).map_err(|e| SpoolError::Storage(e.to_string()))?;
+            txn.open_table(META)
+                .spool()?
+                .insert(ERASURES_KEY, encoded.as_slice())
+                .spool()?;
         }
         let encoded =
             postcard::to_stdvec(&tentative).map_err(|e| SpoolError::Storage(e.to_string()))?;
@@ -159,6 +198,10 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
         Ok(()) => {
             *stats = tentative;
             *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
+            *shared
+                .erasures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = erasures;
             shared.committed.send_replace(stats.next_seq);
             for r in replies {
                 r.send();
@@ -184,6 +227,7 @@ fn fail_command(cmd: Command, e: &SpoolError) {
         Command::Append(_, tx) => drop(tx.send(Err(e.clone()))),
         Command::Remove { reply, .. } => drop(reply.send(Err(e.clone()))),
         Command::Sweep { reply, .. } => drop(reply.send(Err(e.clone()))),
+        Command::PurgeUser { reply, .. } => drop(reply.send(Err(e.clone()))),
         Command::Stop => {}
     }
 }
@@ -408,6 +452,54 @@ fn purge(
         }
     }
     Ok(())
+}
+
+/// Removes every queued event of `user_id` (its user id or anonymous id) and its
+/// consent record; persists `devices`. Returns how many events went.
+fn purge_user(
+    shared: &Shared,
+    txn: &WriteTransaction,
+    stats: &mut SpoolStats,
+    user_id: &str,
+    devices: &[(DeviceId, DeviceState)],
+) -> Result<u64, SpoolError> {
+    let mut erased = 0;
+    for lane in &shared.lanes {
+        let name = lane_table(&lane.name);
+        let mut table = txn.open_table(lane_def(&name)).spool()?;
+        let mut doomed = Vec::new();
+        for row in table.iter().spool()? {
+            let (k, v) = row.spool()?;
+            // A record that does not decode cannot be told apart; it stays for the
+            // sweep, which drops it as invalid.
+            let Ok(event) = decode_event(k.value(), v.value()) else {
+                continue;
+            };
+            let ids = &event.identities;
+            if ids.user_id.as_deref() == Some(user_id)
+                || ids.anonymous_id.as_deref() == Some(user_id)
+            {
+                doomed.push(k.value());
+            }
+        }
+        for seq in doomed {
+            if let Some(v) = table.remove(seq).spool()? {
+                let len = v.value().len() as u64;
+                let level = stats.lane_mut(&lane.name);
+                level.events = level.events.saturating_sub(1);
+                level.bytes = level.bytes.saturating_sub(len);
+                stats.removed_since_compact += len;
+                erased += 1;
+            }
+        }
+    }
+    txn.open_table(CONSENT).spool()?.remove(user_id).spool()?;
+    let mut table = txn.open_table(DEVICES).spool()?;
+    for (device, state) in devices {
+        let bytes = postcard::to_stdvec(state).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        table.insert(device.0.as_str(), bytes.as_slice()).spool()?;
+    }
+    Ok(erased)
 }
 
 fn sweep(

@@ -5,6 +5,15 @@
 //! forgets what was in flight and reads again from the spool; the gateway's
 //! exactly-once admission makes resends harmless. Sending decisions live in
 //! [`lanes`]; this module owns the MQTT client, timers and the spool calls.
+//!
+//! Downlink: incoming PUBLISHes are acknowledged by hand, only once handled: an ack
+//! frame once its events left the spool, a control message once carried out and
+//! committed (the gateway keeps a control message queued until that PUBACK, so one
+//! that failed here comes again after the next connect). After each connect the
+//! lanes wait for the gateway's hello reply before sending: the gateway sends what
+//! it queued for this device (e.g. a user's erasure) before that reply, so a purge
+//! takes effect before the spool it concerns goes out. Without a reply within the ack
+//! timeout the lanes send anyway.
 
 mod lanes;
 pub mod tls;
@@ -18,10 +27,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::consent::ConsentUpdate;
+use crate::intake::Intake;
+
 use crate::config::{UplinkConfig, UplinkMode};
 use crate::model::{now_ms, DeviceId, Seq};
 use crate::spool::Spool;
-use crate::wire::{self, Compression, DeviceTopics, Downlink, Hello, Topics, UplinkBatch};
+use crate::wire::{self, Compression, Control, DeviceTopics, Downlink, Hello, Topics, UplinkBatch};
 use lanes::LaneState;
 
 /// MQTT requests queued in the client before `publish` waits.
@@ -57,6 +69,11 @@ pub struct UplinkStatus {
     pub events_rejected: u64,
     pub connects: u64,
     pub last_error: Option<String>,
+    /// The gateway answered this connection's hello (lanes send only after it, or
+    /// after the ack timeout).
+    pub greeted: bool,
+    /// Control messages from the gateway carried out (purges, consent).
+    pub controls_applied: u64,
 }
 
 /// Shared, readable status.
@@ -65,10 +82,7 @@ pub type SharedStatus = Arc<Mutex<UplinkStatus>>;
 enum Net {
     Connected,
     Disconnected(String),
-    Message {
-        topic: String,
-        payload: bytes::Bytes,
-    },
+    Message(rumqttc::Publish),
 }
 
 /// The uplink task.
@@ -77,6 +91,9 @@ pub struct Uplink {
     config: UplinkConfig,
     device: DeviceId,
     spool: Arc<Spool>,
+    /// Carries out control messages (purge, consent); without it they are logged
+    /// and acknowledged unapplied.
+    intake: Option<Arc<Intake>>,
     status: SharedStatus,
 }
 
@@ -127,8 +144,15 @@ impl Uplink {
             config,
             device,
             spool,
+            intake: None,
             status: SharedStatus::default(),
         }
+    }
+
+    /// Carries out the gateway's control messages through `intake`.
+    pub fn with_intake(mut self, intake: Arc<Intake>) -> Self {
+        self.intake = Some(intake);
+        self
     }
 
     pub fn status(&self) -> SharedStatus {
@@ -151,6 +175,8 @@ impl Uplink {
         opts.set_keep_alive(self.config.keep_alive);
         // No broker session: our spool is the session (see module doc).
         opts.set_clean_session(true);
+        // PUBACK only once a message is handled (see the module doc).
+        opts.set_manual_acks(true);
         opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
         let lane_names = self.spool.lane_names();
         let inflight = (self.config.window * lane_names.len() + 8).min(u16::MAX as usize) as u16;
@@ -177,10 +203,7 @@ impl Uplink {
                             backoff.reset();
                             Net::Connected
                         }
-                        Ok(Event::Incoming(Packet::Publish(p))) => Net::Message {
-                            topic: p.topic,
-                            payload: p.payload,
-                        },
+                        Ok(Event::Incoming(Packet::Publish(p))) => Net::Message(p),
                         Ok(_) => continue,
                         Err(e) => {
                             let _ = net_tx.send(Net::Disconnected(e.to_string())).await;
@@ -221,6 +244,8 @@ impl Uplink {
             Compression::None
         };
         let mut wake = IDLE_TICK;
+        // Until the hello reply (or this deadline), the lanes hold back.
+        let mut hello_deadline: Option<Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -229,7 +254,8 @@ impl Uplink {
                     Some(Net::Connected) => {
                         connected = true;
                         for l in &mut lanes { l.reset(); }
-                        self.set_status(|s| { s.connected = true; s.connects += 1; s.last_error = None; });
+                        hello_deadline = Some(Instant::now() + self.config.ack_timeout);
+                        self.set_status(|s| { s.connected = true; s.connects += 1; s.last_error = None; s.greeted = false; });
                         info!(device = %self.device, "Uplink connected.");
                         self.on_connect(&client, &topics).await;
                     }
@@ -241,16 +267,35 @@ impl Uplink {
                         }
                         connected = false;
                         for l in &mut lanes { l.reset(); }
-                        self.set_status(|s| { s.connected = false; s.in_flight_batches = 0; s.last_error = Some(e); });
+                        hello_deadline = None;
+                        self.set_status(|s| { s.connected = false; s.in_flight_batches = 0; s.last_error = Some(e); s.greeted = false; });
                     }
-                    Some(Net::Message { topic, payload }) => {
-                        self.on_message(&topics, &topic, &payload, &mut lanes).await;
+                    Some(Net::Message(publish)) => {
+                        if self.on_message(&topics, &publish.topic, &publish.payload, &mut lanes).await {
+                            // Never waits: a PUBACK the full request queue refuses only
+                            // means the gateway sends that message again later.
+                            if let Err(e) = client.try_ack(&publish) {
+                                debug!(error = %e, "PUBACK not queued.");
+                            }
+                        }
                     }
                 },
                 _ = committed.changed() => {}
                 () = tokio::time::sleep(wake) => {}
             }
-            if connected {
+            let greeted = self
+                .status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .greeted;
+            let now = Instant::now();
+            let held_until = hello_deadline.filter(|d| connected && !greeted && now < *d);
+            if let Some(until) = held_until {
+                wake = until.duration_since(now).min(IDLE_TICK);
+            } else if connected {
+                if !greeted && hello_deadline.take().is_some() {
+                    warn!("No hello reply from the gateway in time; sending the spool anyway.");
+                }
                 wake = self
                     .pump(&client, &topics, &mut lanes, &mut bandwidth, compression)
                     .await;
@@ -290,17 +335,22 @@ impl Uplink {
         }
     }
 
+    /// Handles one incoming message; returns whether it may be acknowledged (false
+    /// only for a control message that failed for now and must come again).
     async fn on_message(
         &self,
         topics: &DeviceTopics,
         topic: &str,
         payload: &[u8],
         lanes: &mut [LaneState],
-    ) {
+    ) -> bool {
         if topic == topics.ack() {
             let ack = match wire::decode_ack(payload, wire::DEFAULT_MAX_FRAME) {
                 Ok(a) => a,
-                Err(e) => return warn!(error = %e, "Undecodable ack ignored."),
+                Err(e) => {
+                    warn!(error = %e, "Undecodable ack ignored.");
+                    return true;
+                }
             };
             let now = now_ms();
             let (mut acked, mut rejected) = (0u64, 0u64);
@@ -338,12 +388,70 @@ impl Uplink {
                     gateway_time_ms, ..
                 }) => {
                     let skew = gateway_time_ms.saturating_sub(now_ms());
-                    self.set_status(|s| s.clock_skew_ms = Some(skew));
+                    self.set_status(|s| {
+                        s.clock_skew_ms = Some(skew);
+                        s.greeted = true;
+                    });
                 }
+                Ok(Downlink::Control(control)) => return self.apply_control(control).await,
                 Ok(other) => debug!(message = ?other, "Downlink message not handled yet."),
+                // It can never be carried out; sent again it would fail again.
                 Err(e) => warn!(error = %e, "Undecodable downlink ignored."),
             }
         }
+        true
+    }
+
+    /// Carries out a control message; false when it failed for now (spool error) and
+    /// should come again.
+    async fn apply_control(&self, control: Control) -> bool {
+        let Some(intake) = &self.intake else {
+            warn!("A control message arrived but this agent has no intake to apply it; ignored.");
+            return true;
+        };
+        let done = match control {
+            Control::PurgeUser { user_id } => match intake.purge_user(&user_id).await {
+                Ok(p) => {
+                    info!(
+                        events = p.events,
+                        consent = p.consent,
+                        devices = p.devices,
+                        "A user's data was erased at the gateway's request."
+                    );
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "User purge failed; the gateway sends it again after the next connect.");
+                    false
+                }
+            },
+            Control::SetConsent {
+                subject,
+                purposes,
+                ccpa_opt_out,
+                at_ms,
+            } => {
+                let update = ConsentUpdate {
+                    purposes,
+                    ccpa_opt_out,
+                    at_ms,
+                };
+                match intake.set_consent(&subject, update).await {
+                    Ok(changed) => {
+                        debug!(changed, "Consent from the gateway applied.");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "Consent from the gateway not applied; it comes again after the next connect.");
+                        false
+                    }
+                }
+            }
+        };
+        if done {
+            self.set_status(|s| s.controls_applied += 1);
+        }
+        done
     }
 
     /// Sends what the lanes allow; returns how long until the next check is due.
