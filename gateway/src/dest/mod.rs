@@ -17,9 +17,14 @@ pub mod segment_json;
 pub mod webhook;
 
 use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use edge_agent::model::EventId;
+use tracing::{error, info};
+
+use crate::config::{DestinationConfig, DestinationKind};
 
 /// One event on its way out.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +58,12 @@ pub trait Sink: Send + Sync + 'static {
     /// Delivers `batch` (1..=`batch_size` events, in inbox order). Must be idempotent
     /// by `event_id`: after a crash the same batch may be sent again.
     fn send(&self, batch: &[Delivery]) -> impl Future<Output = SendOutcome> + Send;
+
+    /// Most events one [`Sink::send`] may carry, below the destination's
+    /// `batch_size` (a webhook in `single` format takes one). `None`: `batch_size`.
+    fn max_batch(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Live state of one destination, for the admin API and metrics.
@@ -88,29 +99,92 @@ pub struct DeadLetter {
 /// Every running destination, for the admin API.
 #[derive(Debug)]
 pub struct Registry {
-    _private: (),
+    ctx: DestContext,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    kind: &'static str,
+    stats: Arc<DestStats>,
 }
 
 impl Registry {
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
     /// Status of every destination, in config order.
     pub fn status(&self) -> Vec<DestinationStatus> {
-        todo!("registry: status")
+        let resolved = *self.ctx.profiles.resolved().borrow();
+        let now = edge_agent::model::now_ms();
+        self.entries
+            .iter()
+            .map(|e| {
+                let cursor = e.stats.cursor.load(Ordering::Relaxed);
+                // Inbox seqs are dense, so the distance is the count; events erased
+                // meanwhile are counted until the destination passes them.
+                let backlog = resolved.saturating_sub(cursor);
+                let oldest_age_ms = if backlog == 0 {
+                    0
+                } else {
+                    self.ctx
+                        .store
+                        .read_inbox(cursor, 1)
+                        .ok()
+                        .and_then(|r| r.first().map(|(_, rec)| rec.received_ms))
+                        .map_or(0, |at| u64::try_from(now - at).unwrap_or(0))
+                };
+                DestinationStatus {
+                    name: e.name.clone(),
+                    kind: e.kind.to_owned(),
+                    backlog,
+                    oldest_age_ms,
+                    delivered: e.stats.delivered.load(Ordering::Relaxed),
+                    filtered: e.stats.filtered.load(Ordering::Relaxed),
+                    retries: e.stats.retries.load(Ordering::Relaxed),
+                    dead_letters: outbox::dead_letters::count(&self.ctx.store, &e.name)
+                        .unwrap_or(0),
+                    last_error: e
+                        .stats
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone(),
+                }
+            })
+            .collect()
     }
 
     /// Up to `limit` dead letters of `name` after id `after`; `None`: no such destination.
     pub fn dead_letters(
         &self,
-        _name: &str,
-        _after: u64,
-        _limit: usize,
+        name: &str,
+        after: u64,
+        limit: usize,
     ) -> Option<Result<Vec<DeadLetter>, crate::store::StoreError>> {
-        todo!("registry: dead_letters")
+        let entry = self.entry(name)?;
+        Some(outbox::dead_letters::list(
+            &self.ctx.store,
+            &entry.name,
+            after,
+            limit,
+        ))
     }
 
     /// Re-renders `name`'s dead letters with the current config and sends them again
     /// (ahead of new events); returns how many were queued. `None`: no such destination.
-    pub async fn replay(&self, _name: &str) -> Option<Result<u64, crate::store::StoreError>> {
-        todo!("registry: replay")
+    /// The destination's task does the sending; this returns once it is asked to.
+    pub async fn replay(&self, name: &str) -> Option<Result<u64, crate::store::StoreError>> {
+        let entry = self.entry(name)?;
+        Some(
+            outbox::dead_letters::count(&self.ctx.store, &entry.name).inspect(|n| {
+                if *n > 0 {
+                    entry.stats.replay.notify_one();
+                }
+            }),
+        )
     }
 }
 
@@ -122,14 +196,90 @@ pub struct DestContext {
     pub data_dir: std::path::PathBuf,
 }
 
-/// Starts every configured destination on `tasks`.
+/// Starts every configured destination on `tasks`. A destination that cannot start
+/// (a config its sink refuses) is logged and shown in its status; the others run.
 pub fn spawn_all(
-    _config: &[crate::config::DestinationConfig],
-    _ctx: &DestContext,
-    _tasks: &tokio_util::task::TaskTracker,
-    _shutdown: &tokio_util::sync::CancellationToken,
-) -> std::sync::Arc<Registry> {
-    todo!("dest: spawn_all")
+    config: &[DestinationConfig],
+    ctx: &DestContext,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Arc<Registry> {
+    let mut entries = Vec::with_capacity(config.len());
+    for d in config {
+        let stats = Arc::new(DestStats::default());
+        let kind = match d.kind {
+            DestinationKind::File => "file",
+            DestinationKind::Webhook => "webhook",
+            DestinationKind::Postgres => "postgres",
+        };
+        entries.push(Entry {
+            name: d.name.clone(),
+            kind,
+            stats: Arc::clone(&stats),
+        });
+        let (d, ctx, token) = (d.clone(), ctx.clone(), shutdown.clone());
+        match d.kind {
+            DestinationKind::File => {
+                let name = d.name.clone();
+                let dest = file::FileDestination::new(d, ctx, Arc::clone(&stats));
+                tasks.spawn(async move {
+                    if let Err(e) = dest.run(token).await {
+                        error!(destination = %name, error = %e, "Destination stopped.");
+                        stats.set_error(&e.to_string());
+                    }
+                });
+            }
+            DestinationKind::Webhook => match webhook::WebhookSink::new(&d) {
+                Ok(sink) => {
+                    info!(destination = %d.name, "Webhook destination started.");
+                    tasks.spawn(outbox::run_sink(d, sink, ctx, stats, token));
+                }
+                Err(e) => {
+                    error!(destination = %d.name, error = %e, "Webhook destination cannot start.");
+                    stats.set_error(&e.to_string());
+                }
+            },
+            DestinationKind::Postgres => {
+                tasks.spawn(async move {
+                    if let Some(sink) = connect_postgres(&d, &stats, &token).await {
+                        outbox::run_sink(d, sink, ctx, stats, token).await;
+                    }
+                });
+            }
+        }
+    }
+    Arc::new(Registry {
+        ctx: ctx.clone(),
+        entries,
+    })
+}
+
+/// Connects a PostgreSQL sink, retrying with backoff; `None` on shutdown.
+async fn connect_postgres(
+    d: &DestinationConfig,
+    stats: &DestStats,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<postgres::PostgresSink> {
+    let backoff = outbox::retry::Backoff {
+        initial: d.retry_initial,
+        max: d.retry_max,
+    };
+    let mut failures = 0;
+    loop {
+        match postgres::PostgresSink::connect(d).await {
+            Ok(sink) => return Some(sink),
+            Err(e) => {
+                failures += 1;
+                error!(destination = %d.name, error = %e, failures, "PostgreSQL destination cannot start; retrying.");
+                stats.set_error(&e);
+                let delay = backoff.delay(failures, outbox::retry::random_unit(), None);
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Counters one destination task updates and [`Registry::status`] reads.
@@ -142,4 +292,17 @@ pub struct DestStats {
     pub retries: std::sync::atomic::AtomicU64,
     pub dead_lettered: std::sync::atomic::AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Signalled by [`Registry::replay`]; the destination's task replays its dead
+    /// letters when it next looks (the permit is kept until then).
+    pub replay: tokio::sync::Notify,
+}
+
+impl DestStats {
+    /// Records the latest failure for the status.
+    pub fn set_error(&self, error: &str) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error.to_owned());
+    }
 }

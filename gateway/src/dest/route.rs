@@ -1,4 +1,53 @@
 //! Per-destination decisions, pure: does this event go there, and exactly which bytes.
+//!
+//! No I/O and no clock: everything comes from the [`Routed`] record (the event, its
+//! consent snapshot, and the profile stage's [`crate::profiles::Enrichment`]).
+//!
+//! # Filters
+//! `event_types` match the Segment type (agent kinds such as commerce and session
+//! events are `track`) or the agent's own kind name; `event_names` and
+//! `exclude_event_names` match the track event name or the page/screen name (a track
+//! without a name uses its kind name, e.g. `session_start`). An event without a name
+//! never matches a non-empty `event_names`.
+//!
+//! # Consent
+//! Every `require_purposes` purpose must be granted in the event's own snapshot, and
+//! not withdrawn by a profile consent stated after the event. A `sale` destination
+//! gets nothing from a user whose snapshot or later profile consent says CCPA opt-out.
+//!
+//! # Minimization: nothing else leaves
+//! Always sent: `messageId` (the event id, also the `Idempotency-Key`), `type`,
+//! `event` (track) or `name` (page/screen), `timestamp`, `originalTimestamp`,
+//! `receivedAt`. The gateway's internals (`_edge`: sender, lane, seq) never leave.
+//!
+//! With an `identities` allowlist, an identity type appears only when listed, taken
+//! from the event or else from the profile:
+//!
+//! | type           | placed at                                  |
+//! |----------------|--------------------------------------------|
+//! | `customer_id`  | `userId`                                   |
+//! | `anonymous_id` | `anonymousId`                              |
+//! | `group_id`     | `groupId`                                  |
+//! | `previous_id`  | `previousId`                               |
+//! | `device_id`    | `context.device.id`                        |
+//! | `session_id`   | `context.sessionId`                        |
+//! | anything else  | `context.externalIds: [{"type", "id"}]`    |
+//!
+//! and identifiers elsewhere in the event are removed: `traits.email` unless `email`
+//! is listed, `context.traits`, `context.ip`, `context.device.id` and
+//! `context.device.advertisingId` unless `device_id` is listed. Without the
+//! allowlist the event's own identities go out as they came (the same places), and
+//! nothing is attached from the profile.
+//!
+//! With an `attributes` allowlist, `traits` is the event's own traits cut to the list
+//! plus the profile's attributes of those names (the event's own value wins).
+//! `properties` cuts properties. `context = false` drops the event's context and the
+//! consent summary; only identities the allowlist names as living in `context`
+//! (device id, session id, external ids) remain there.
+
+use edge_agent::ingest::format_timestamp;
+use edge_agent::model::{EventKind, Map as AgentMap};
+use serde_json::{json, Map, Value};
 
 use crate::config::DestinationConfig;
 use crate::profiles::Routed;
@@ -6,17 +55,584 @@ use crate::profiles::Routed;
 /// A destination's filters, consent requirements and minimization, compiled once.
 #[derive(Debug, Clone)]
 pub struct Route {
-    _private: (),
+    event_types: Vec<String>,
+    event_names: Vec<String>,
+    exclude_event_names: Vec<String>,
+    require_purposes: Vec<String>,
+    sale: bool,
+    identities: Option<Vec<String>>,
+    attributes: Option<Vec<String>>,
+    properties: Option<Vec<String>>,
+    context: bool,
+}
+
+/// The Segment call type of an agent event kind.
+pub fn segment_type(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::Identify => "identify",
+        EventKind::Page => "page",
+        EventKind::Screen => "screen",
+        EventKind::Group => "group",
+        EventKind::Alias => "alias",
+        EventKind::Track
+        | EventKind::Consent
+        | EventKind::SessionStart
+        | EventKind::SessionEnd
+        | EventKind::Commerce
+        | EventKind::Other(_) => "track",
+    }
+}
+
+/// The name filters look at: track event name (or kind name), page/screen name.
+fn event_name<'a>(kind: &'a EventKind, name: Option<&'a str>) -> Option<&'a str> {
+    match (segment_type(kind), name) {
+        (_, Some(n)) => Some(n),
+        ("track", None) => Some(kind.as_str()),
+        _ => None,
+    }
 }
 
 impl Route {
-    pub fn new(_config: &DestinationConfig) -> Self {
-        todo!("route: new")
+    pub fn new(config: &DestinationConfig) -> Self {
+        Self {
+            event_types: config.event_types.clone(),
+            event_names: config.event_names.clone(),
+            exclude_event_names: config.exclude_event_names.clone(),
+            require_purposes: config.require_purposes.clone(),
+            sale: config.sale,
+            identities: config.identities.clone(),
+            attributes: config.attributes.clone(),
+            properties: config.properties.clone(),
+            context: config.context,
+        }
     }
 
     /// The Segment-spec JSON this destination receives for `routed`, or `None` when
     /// filters or consent keep it out.
-    pub fn render(&self, _routed: &Routed) -> Option<serde_json::Value> {
-        todo!("route: render")
+    pub fn render(&self, routed: &Routed) -> Option<Value> {
+        if !self.passes_filters(routed) || !self.consent_allows(routed) {
+            return None;
+        }
+        Some(self.build(routed))
+    }
+
+    fn passes_filters(&self, routed: &Routed) -> bool {
+        let e = &routed.record.event;
+        let kind = segment_type(&e.kind);
+        if !self.event_types.is_empty()
+            && !self
+                .event_types
+                .iter()
+                .any(|t| t == kind || t == e.kind.as_str())
+        {
+            return false;
+        }
+        let name = event_name(&e.kind, e.name.as_deref());
+        if !self.event_names.is_empty()
+            && !name.is_some_and(|n| self.event_names.iter().any(|x| x == n))
+        {
+            return false;
+        }
+        !name.is_some_and(|n| self.exclude_event_names.iter().any(|x| x == n))
+    }
+
+    fn consent_allows(&self, routed: &Routed) -> bool {
+        let snapshot = &routed.record.event.consent;
+        let profile = &routed.enrichment.consent;
+        // The profile's consent speaks for this event only if stated after it: an
+        // older grant cannot widen what the user allowed when the event happened,
+        // and an older denial was already in the event's snapshot.
+        let later = profile.updated_ms > routed.record.corrected_timestamp_ms;
+        let has = |list: &[String], p: &str| list.iter().any(|g| g.eq_ignore_ascii_case(p));
+        for purpose in &self.require_purposes {
+            if !has(&snapshot.granted, purpose) {
+                return false;
+            }
+            if later && (!has(&profile.granted, purpose) || has(&profile.denied, purpose)) {
+                return false;
+            }
+        }
+        !(self.sale && (snapshot.ccpa_opt_out || (later && profile.ccpa_opt_out)))
+    }
+
+    fn allows_identity(&self, id_type: &str) -> bool {
+        self.identities
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|t| t == id_type))
+    }
+
+    /// Identities that leave, `(type, value)`, in a stable order.
+    fn identities_out(&self, routed: &Routed) -> Vec<(String, String)> {
+        let e = &routed.record.event;
+        let ids = &e.identities;
+        let other = |t: &str| {
+            ids.other
+                .iter()
+                .find(|(k, _)| k == t)
+                .map(|(_, v)| v.as_str())
+        };
+        let mut own: Vec<(String, String)> = Vec::new();
+        let placed = [
+            (
+                "customer_id",
+                ids.user_id.as_deref().or_else(|| other("customer_id")),
+            ),
+            ("anonymous_id", ids.anonymous_id.as_deref()),
+            ("group_id", ids.group_id.as_deref()),
+            ("previous_id", ids.previous_id.as_deref()),
+            ("device_id", Some(ids.device_id.0.as_str())),
+            ("session_id", ids.session_id.as_deref()),
+        ];
+        let others = ids
+            .other
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())));
+        for (t, v) in placed.into_iter().chain(others) {
+            add_identity(&mut own, t, v);
+        }
+        let Some(allow) = &self.identities else {
+            return own;
+        };
+        // Under an allowlist `traits.email` counts as the email identity.
+        add_identity(&mut own, "email", e.traits.get_str("email"));
+        let mut out: Vec<(String, String)> = Vec::new();
+        for t in allow {
+            let value = own
+                .iter()
+                .find(|(k, _)| k == t)
+                .or_else(|| routed.enrichment.identities.iter().find(|(k, _)| k == t))
+                .map(|(_, v)| v.as_str());
+            add_identity(&mut out, t, value);
+        }
+        out
+    }
+
+    fn build(&self, routed: &Routed) -> Value {
+        let record = &routed.record;
+        let e = &record.event;
+        let kind = segment_type(&e.kind);
+        let mut out = Map::new();
+        out.insert("messageId".into(), json!(e.id.to_string()));
+        out.insert("type".into(), json!(kind));
+        match (kind, event_name(&e.kind, e.name.as_deref())) {
+            ("track", Some(n)) => drop(out.insert("event".into(), json!(n))),
+            (_, Some(n)) => drop(out.insert("name".into(), json!(n))),
+            _ => {}
+        }
+
+        let identities = self.identities_out(routed);
+        let mut external = Vec::new();
+        let (mut device_id, mut session_id) = (None, None);
+        for (t, v) in &identities {
+            match t.as_str() {
+                "customer_id" => drop(out.insert("userId".into(), json!(v))),
+                "anonymous_id" => drop(out.insert("anonymousId".into(), json!(v))),
+                "group_id" => drop(out.insert("groupId".into(), json!(v))),
+                "previous_id" => drop(out.insert("previousId".into(), json!(v))),
+                "device_id" => device_id = Some(v.clone()),
+                "session_id" => session_id = Some(v.clone()),
+                _ => external.push(json!({ "type": t, "id": v })),
+            }
+        }
+
+        let properties = cut(&e.properties, self.properties.as_deref());
+        if !properties.is_empty() {
+            out.insert("properties".into(), Value::Object(properties));
+        }
+        let traits = self.traits(routed);
+        if !traits.is_empty() {
+            out.insert("traits".into(), Value::Object(traits));
+        }
+
+        let mut context = if self.context {
+            let mut c = to_json_map(&e.context);
+            if self.identities.is_some() {
+                strip_context_identifiers(&mut c);
+            }
+            c.remove("consent");
+            c.remove("externalIds");
+            c.remove("sessionId");
+            c.insert(
+                "consent".into(),
+                json!({ "granted": e.consent.granted, "ccpaOptOut": e.consent.ccpa_opt_out }),
+            );
+            c
+        } else {
+            Map::new()
+        };
+        // Without an allowlist, identities living in context go only with the context.
+        let placed_in_context = self.context || self.identities.is_some();
+        if placed_in_context {
+            if let Some(id) = device_id {
+                let device = context.entry("device").or_insert_with(|| json!({}));
+                if let Value::Object(d) = device {
+                    d.insert("id".into(), json!(id));
+                }
+            }
+            if let Some(s) = session_id {
+                context.insert("sessionId".into(), json!(s));
+            }
+            if !external.is_empty() {
+                context.insert("externalIds".into(), Value::Array(external));
+            }
+        }
+        if !context.is_empty() {
+            out.insert("context".into(), Value::Object(context));
+        }
+
+        out.insert(
+            "timestamp".into(),
+            json!(format_timestamp(record.corrected_timestamp_ms)),
+        );
+        out.insert(
+            "originalTimestamp".into(),
+            json!(format_timestamp(e.timestamp_ms)),
+        );
+        out.insert(
+            "receivedAt".into(),
+            json!(format_timestamp(record.received_ms)),
+        );
+        Value::Object(out)
+    }
+
+    /// The event's traits (cut to the allowlist) plus allowed profile attributes.
+    fn traits(&self, routed: &Routed) -> Map<String, Value> {
+        let e = &routed.record.event;
+        let mut traits = cut(&e.traits, self.attributes.as_deref());
+        // `traits.email` is the email identity: it obeys the identity allowlist.
+        if !self.allows_identity("email") {
+            traits.remove("email");
+        }
+        if let Some(allow) = &self.attributes {
+            for (name, value) in &routed.enrichment.attributes {
+                if allow.iter().any(|a| a == name) && !traits.contains_key(name) {
+                    traits.insert(
+                        name.clone(),
+                        serde_json::to_value(value).unwrap_or(Value::Null),
+                    );
+                }
+            }
+        }
+        traits
+    }
+}
+
+/// Adds `(id_type, value)` unless the value is empty or the type is there already.
+fn add_identity(list: &mut Vec<(String, String)>, id_type: &str, value: Option<&str>) {
+    if let Some(v) = value.filter(|v| !v.is_empty()) {
+        if !list.iter().any(|(t, _)| t == id_type) {
+            list.push((id_type.to_owned(), v.to_owned()));
+        }
+    }
+}
+
+/// An agent map as JSON, cut to `allow` when given.
+fn cut(map: &AgentMap, allow: Option<&[String]>) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (k, v) in map.iter() {
+        if allow.is_none_or(|a| a.iter().any(|x| x == k)) {
+            out.insert(k.to_owned(), serde_json::to_value(v).unwrap_or(Value::Null));
+        }
+    }
+    out
+}
+
+fn to_json_map(map: &AgentMap) -> Map<String, Value> {
+    cut(map, None)
+}
+
+/// Removes identifiers a Segment context may carry besides the ones we place.
+fn strip_context_identifiers(context: &mut Map<String, Value>) {
+    for key in ["traits", "ip", "userId", "anonymousId"] {
+        context.remove(key);
+    }
+    if let Some(Value::Object(device)) = context.get_mut("device") {
+        device.remove("id");
+        device.remove("advertisingId");
+        if device.is_empty() {
+            context.remove("device");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use edge_agent::model::{DeviceId, Event, EventKind, Source, Value as AgentValue};
+
+    use super::*;
+    use crate::profiles::{Enrichment, ProfileConsent};
+    use crate::store::InboxRecord;
+
+    const T: i64 = 1_700_000_000_000;
+
+    fn config(extra: &str) -> DestinationConfig {
+        let text = format!(
+            "[[destinations]]\nname = \"d\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\n{extra}\n"
+        );
+        crate::config::GatewayConfig::parse(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .destinations
+            .remove(0)
+    }
+
+    fn route(extra: &str) -> Route {
+        Route::new(&config(extra))
+    }
+
+    fn map(json: &str) -> AgentMap {
+        serde_json::from_str(json).unwrap()
+    }
+
+    /// A purchase by customer `c-1` with every kind of identifier on board.
+    fn purchase() -> Routed {
+        let mut e = Event::new(EventKind::Track, Source::Segment, T);
+        e.id = edge_agent::model::EventId(0x1c6b_8d2f_7b50_4b2f_8b1d_4a2c_3e5f_6071);
+        e.name = Some("Purchase".into());
+        e.identities.device_id = DeviceId("roku-1".into());
+        e.identities.user_id = Some("c-1".into());
+        e.identities.anonymous_id = Some("anon-1".into());
+        e.identities.session_id = Some("s-1".into());
+        e.identities.other = vec![("mobile_number".into(), "+1555".into())];
+        e.properties = map(r#"{"revenue":12.5,"sku":"A1","coupon":"X"}"#);
+        e.traits = map(r#"{"email":"ada@example.com","plan":"gold","ltv":7}"#);
+        e.context = map(
+            r#"{"ip":"10.0.0.7","library":{"name":"analytics-kotlin"},"device":{"id":"roku-1","advertisingId":"ad-9","model":"R1"},"traits":{"email":"ada@example.com"}}"#,
+        );
+        e.consent.granted = vec!["analytics".into(), "advertising".into()];
+        Routed {
+            seq: 7,
+            record: InboxRecord {
+                sender: DeviceId("roku-1".into()),
+                received_ms: T + 50,
+                corrected_timestamp_ms: T,
+                event: e,
+            },
+            enrichment: Enrichment {
+                profile_id: 3,
+                identities: vec![
+                    ("customer_id".into(), "c-1".into()),
+                    ("email".into(), "ada@example.com".into()),
+                    ("anonymous_id".into(), "anon-0".into()),
+                ],
+                attributes: vec![
+                    ("ltv".into(), AgentValue::Float(120.5)),
+                    ("first_seen".into(), AgentValue::String("x".into())),
+                ],
+                consent: ProfileConsent::default(),
+            },
+        }
+    }
+
+    fn with(f: impl FnOnce(&mut Routed)) -> Routed {
+        let mut r = purchase();
+        f(&mut r);
+        r
+    }
+
+    #[test]
+    fn a_destination_allowed_customer_id_and_ltv_gets_exactly_those() {
+        let r = route("identities = [\"customer_id\"]\nattributes = [\"ltv\"]\nproperties = []\ncontext = false");
+        let routed = purchase();
+        let body = serde_json::to_string(&r.render(&routed).unwrap()).unwrap();
+        let id = routed.record.event.id;
+        assert_eq!(
+            body,
+            format!(
+                r#"{{"event":"Purchase","messageId":"{id}","originalTimestamp":"2023-11-14T22:13:20Z","receivedAt":"2023-11-14T22:13:20.05Z","timestamp":"2023-11-14T22:13:20Z","traits":{{"ltv":7}},"type":"track","userId":"c-1"}}"#
+            )
+        );
+        for leak in [
+            "ada@", "anon-", "roku-1", "ad-9", "10.0.0.7", "gold", "+1555", "s-1", "_edge",
+        ] {
+            assert!(!body.contains(leak), "{leak} leaked: {body}");
+        }
+    }
+
+    #[test]
+    fn an_attribute_missing_from_the_event_is_attached_from_the_profile() {
+        let r = route("identities = [\"customer_id\"]\nattributes = [\"ltv\"]\ncontext = false");
+        let routed = with(|r| r.record.event.traits = AgentMap::new());
+        let body = r.render(&routed).unwrap();
+        assert_eq!(body["traits"], json!({ "ltv": 120.5 }));
+    }
+
+    #[test]
+    fn identities_missing_from_the_event_come_from_the_profile() {
+        let r = route("identities = [\"customer_id\", \"email\"]\ncontext = false");
+        let routed = with(|r| {
+            r.record.event.identities.user_id = None;
+            r.record.event.traits = AgentMap::new();
+        });
+        let body = r.render(&routed).unwrap();
+        assert_eq!(body["userId"], "c-1");
+        assert_eq!(
+            body["context"]["externalIds"],
+            json!([{ "type": "email", "id": "ada@example.com" }])
+        );
+        assert!(body.get("anonymousId").is_none());
+    }
+
+    #[test]
+    fn an_identity_allowlist_strips_identifiers_from_context_and_traits() {
+        let r = route("identities = [\"anonymous_id\"]");
+        let body = r.render(&purchase()).unwrap();
+        assert_eq!(body["anonymousId"], "anon-1");
+        assert!(body.get("userId").is_none());
+        let ctx = &body["context"];
+        assert_eq!(ctx["device"], json!({ "model": "R1" }));
+        assert!(ctx.get("ip").is_none() && ctx.get("traits").is_none());
+        assert!(ctx.get("sessionId").is_none() && ctx.get("externalIds").is_none());
+        assert_eq!(ctx["library"]["name"], "analytics-kotlin");
+        assert_eq!(body["traits"], json!({ "plan": "gold", "ltv": 7 }));
+    }
+
+    #[test]
+    fn device_id_is_sent_only_when_allowed() {
+        let r = route(
+            "identities = [\"device_id\", \"session_id\", \"mobile_number\"]\ncontext = false",
+        );
+        let body = r.render(&purchase()).unwrap();
+        assert_eq!(
+            body["context"],
+            json!({
+                "device": { "id": "roku-1" },
+                "sessionId": "s-1",
+                "externalIds": [{ "type": "mobile_number", "id": "+1555" }],
+            })
+        );
+    }
+
+    #[test]
+    fn without_allowlists_the_event_goes_as_it_came_and_nothing_is_attached() {
+        let body = route("").render(&purchase()).unwrap();
+        assert_eq!(body["userId"], "c-1");
+        assert_eq!(body["anonymousId"], "anon-1");
+        assert_eq!(
+            body["traits"],
+            json!({ "email": "ada@example.com", "plan": "gold", "ltv": 7 })
+        );
+        assert_eq!(body["properties"]["coupon"], "X");
+        assert_eq!(body["context"]["device"]["id"], "roku-1");
+        assert_eq!(body["context"]["sessionId"], "s-1");
+        assert_eq!(
+            body["context"]["consent"],
+            json!({ "granted": ["analytics", "advertising"], "ccpaOptOut": false })
+        );
+        assert!(body.get("_edge").is_none());
+        assert_eq!(body["messageId"], "1c6b8d2f-7b50-4b2f-8b1d-4a2c3e5f6071");
+    }
+
+    #[test]
+    fn context_false_drops_context_and_consent() {
+        let body = route("context = false").render(&purchase()).unwrap();
+        assert!(body.get("context").is_none(), "{body}");
+        assert_eq!(body["userId"], "c-1");
+    }
+
+    #[test]
+    fn a_properties_allowlist_cuts_properties() {
+        let body = route("properties = [\"revenue\", \"missing\"]")
+            .render(&purchase())
+            .unwrap();
+        assert_eq!(body["properties"], json!({ "revenue": 12.5 }));
+    }
+
+    #[test]
+    fn event_types_filter_with_agent_kinds_counting_as_track() {
+        let r = route("event_types = [\"track\"]");
+        assert!(r.render(&purchase()).is_some());
+        let commerce = with(|r| r.record.event.kind = EventKind::Commerce);
+        assert!(r.render(&commerce).is_some());
+        let identify = with(|r| {
+            r.record.event.kind = EventKind::Identify;
+            r.record.event.name = None;
+        });
+        assert!(r.render(&identify).is_none());
+        assert!(route("event_types = [\"identify\"]")
+            .render(&identify)
+            .is_some());
+        let body = route("").render(&commerce).unwrap();
+        assert_eq!(body["type"], "track");
+    }
+
+    #[test]
+    fn event_names_and_exclusions_filter_by_name() {
+        assert!(route("event_names = [\"Purchase\"]")
+            .render(&purchase())
+            .is_some());
+        assert!(route("event_names = [\"Play\"]")
+            .render(&purchase())
+            .is_none());
+        assert!(route("exclude_event_names = [\"Purchase\"]")
+            .render(&purchase())
+            .is_none());
+        let identify = with(|r| {
+            r.record.event.kind = EventKind::Identify;
+            r.record.event.name = None;
+        });
+        assert!(route("event_names = [\"Purchase\"]")
+            .render(&identify)
+            .is_none());
+        let session = with(|r| {
+            r.record.event.kind = EventKind::SessionStart;
+            r.record.event.name = None;
+        });
+        assert!(route("event_names = [\"session_start\"]")
+            .render(&session)
+            .is_some());
+    }
+
+    #[test]
+    fn a_required_purpose_must_be_in_the_events_snapshot() {
+        let r = route("require_purposes = [\"advertising\"]");
+        assert!(r.render(&purchase()).is_some());
+        let denied = with(|r| r.record.event.consent.granted = vec!["analytics".into()]);
+        assert!(r.render(&denied).is_none());
+    }
+
+    #[test]
+    fn a_later_profile_consent_withdraws_a_purpose() {
+        let r = route("require_purposes = [\"advertising\"]");
+        let later = with(|r| {
+            r.enrichment.consent = ProfileConsent {
+                granted: vec!["analytics".into()],
+                denied: vec!["advertising".into()],
+                ccpa_opt_out: false,
+                updated_ms: T + 1,
+            }
+        });
+        assert!(r.render(&later).is_none());
+        // Stated before the event: the event's own snapshot governs.
+        let earlier = with(|r| {
+            r.enrichment.consent = ProfileConsent {
+                granted: vec![],
+                denied: vec!["advertising".into()],
+                ccpa_opt_out: true,
+                updated_ms: T - 1,
+            }
+        });
+        assert!(r.render(&earlier).is_some());
+        // A later grant cannot add what the event's snapshot lacked.
+        let widened = with(|r| {
+            r.record.event.consent.granted = vec![];
+            r.enrichment.consent.granted = vec!["advertising".into()];
+            r.enrichment.consent.updated_ms = T + 1;
+        });
+        assert!(r.render(&widened).is_none());
+    }
+
+    #[test]
+    fn a_sale_destination_gets_nothing_from_ccpa_opt_outs() {
+        let sale = route("sale = true");
+        let not_sale = route("");
+        let opted = with(|r| r.record.event.consent.ccpa_opt_out = true);
+        assert!(sale.render(&opted).is_none());
+        assert!(not_sale.render(&opted).is_some());
+        let later = with(|r| {
+            r.enrichment.consent.ccpa_opt_out = true;
+            r.enrichment.consent.updated_ms = T + 1;
+        });
+        assert!(sale.render(&later).is_none());
+        assert!(sale.render(&purchase()).is_some());
     }
 }
