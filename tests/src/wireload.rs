@@ -6,7 +6,8 @@
 //! agents sharing its machine. It is not a test double of the agent; it keeps the
 //! sender's promises of `edge_agent::wire::uplink` so the gateway treats it as one:
 //!
-//! - one lane (`default`) per device, seqs increasing from 1 without gaps;
+//! - one lane (`default`) per device, seqs increasing without gaps, from 1 on a
+//!   device's first run and on from where the previous run ended after that;
 //! - `floor` is the lowest seq not yet acknowledged: it never decreases and no event
 //!   of a batch is below it;
 //! - `drops` are zero (nothing is ever dropped here).
@@ -75,6 +76,10 @@ pub struct DeviceConfig {
     pub window: usize,
     /// Events per uplink frame.
     pub batch_events: usize,
+    /// The seq of the first event: 1 on a device's first run, else the previous
+    /// run's [`DeviceReport::next_seq`]. The gateway remembers each lane's floor, so
+    /// seqs starting over would be taken for resends and acked without being stored.
+    pub first_seq: u64,
 }
 
 /// What a device sends.
@@ -128,6 +133,8 @@ pub struct DeviceReport {
     pub rejected_events: u64,
     /// Time from CONNACK to the last ack.
     pub elapsed: Duration,
+    /// The seq the device's next run starts at.
+    pub next_seq: u64,
 }
 
 /// What the MQTT event loop task hands the driver.
@@ -196,8 +203,17 @@ pub async fn run_device(
         }
     });
     let result = drive(&cfg, &topics, &client, &mut rx, plan, &counters, &control).await;
+    // A clean DISCONNECT: the event loop sends it and then ends. Nothing is in flight
+    // any more, so nothing is lost by no longer reading what it hands over.
     let _ = client.try_disconnect();
-    poller.abort();
+    drop(rx);
+    let mut poller = poller;
+    if tokio::time::timeout(Duration::from_secs(1), &mut poller)
+        .await
+        .is_err()
+    {
+        poller.abort();
+    }
     result.with_context(|| format!("device `{}`", cfg.device))
 }
 
@@ -245,7 +261,7 @@ async fn drive(
         device: cfg.device.clone(),
         ..DeviceReport::default()
     };
-    let mut next_seq = 1u64;
+    let mut next_seq = cfg.first_seq.max(1);
     let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(cfg.window);
     let mut gated_since: Option<Instant> = None;
     loop {
@@ -329,6 +345,7 @@ async fn drive(
         }
     }
     report.elapsed = started.elapsed();
+    report.next_seq = next_seq;
     Ok(report)
 }
 

@@ -772,6 +772,8 @@ struct Phase {
     profiles: u64,
     users: u64,
     seed: Option<Seeded>,
+    /// Length of the steady-state window.
+    steady: Duration,
     /// Steady-state rates, events/s.
     file: f64,
     hook: f64,
@@ -800,7 +802,8 @@ type DeviceTask = tokio::task::JoinHandle<Result<wireload::DeviceReport>>;
 #[derive(Debug)]
 struct Devices {
     tasks: Vec<Option<DeviceTask>>,
-    rejected: u64,
+    /// Reports of the finished tasks, by connection.
+    reports: Vec<Option<wireload::DeviceReport>>,
 }
 
 impl Devices {
@@ -809,6 +812,7 @@ impl Devices {
         ctx: &Ctx<'_>,
         mqtt: SocketAddr,
         pki: &Path,
+        first_seqs: &[u64],
         plan: Plan,
         counters: &Arc<Counters>,
         control: &Arc<Control>,
@@ -833,6 +837,7 @@ impl Devices {
                     pki: pki.to_owned(),
                     window: ctx.args.window,
                     batch_events: ctx.args.batch,
+                    first_seq: first_seqs.get(i as usize).copied().unwrap_or(1),
                 };
                 Some(tokio::spawn(wireload::run_device(
                     cfg,
@@ -842,16 +847,16 @@ impl Devices {
                 )))
             })
             .collect();
-        Devices { tasks, rejected: 0 }
+        let reports = (0..n).map(|_| None).collect();
+        Devices { tasks, reports }
     }
 
     /// Collects the tasks that have finished; a failed one ends the phase at once.
     async fn check(&mut self) -> Result<()> {
-        for slot in &mut self.tasks {
+        for (slot, report) in self.tasks.iter_mut().zip(&mut self.reports) {
             if slot.as_ref().is_some_and(|t| t.is_finished()) {
                 if let Some(t) = slot.take() {
-                    let report = t.await.context("device task")??;
-                    self.rejected += report.rejected_events;
+                    *report = Some(t.await.context("device task")??);
                 }
             }
         }
@@ -859,16 +864,22 @@ impl Devices {
     }
 
     /// Waits for every task (they have been told to stop); returns the events the
-    /// gateway rejected.
-    async fn join(mut self) -> Result<u64> {
-        for t in self.tasks.iter_mut().filter_map(Option::take) {
-            let report = tokio::time::timeout(STOP_TIMEOUT, t)
-                .await
-                .map_err(|_| anyhow!("a device did not finish within {STOP_TIMEOUT:?}"))?
-                .context("device task")??;
-            self.rejected += report.rejected_events;
+    /// gateway rejected and the seq each device's next run starts at.
+    async fn join(mut self) -> Result<(u64, Vec<u64>)> {
+        for (slot, report) in self.tasks.iter_mut().zip(&mut self.reports) {
+            if let Some(t) = slot.take() {
+                let r = tokio::time::timeout(STOP_TIMEOUT, t)
+                    .await
+                    .map_err(|_| anyhow!("a device did not finish within {STOP_TIMEOUT:?}"))?
+                    .context("device task")??;
+                *report = Some(r);
+            }
         }
-        Ok(self.rejected)
+        let reports: Vec<wireload::DeviceReport> = self.reports.into_iter().flatten().collect();
+        Ok((
+            reports.iter().map(|r| r.rejected_events).sum(),
+            reports.iter().map(|r| r.next_seq).collect(),
+        ))
     }
 }
 
@@ -920,70 +931,71 @@ async fn run_phase(ctx: &Ctx<'_>, profiles: u64) -> Result<Phase> {
     result
 }
 
-async fn phase_load(
-    ctx: &Ctx<'_>,
-    gateway: &mut Daemon,
+/// A running phase: its gateway and what reads it.
+struct Run<'a> {
+    ctx: &'a Ctx<'a>,
+    gateway: &'a mut Daemon,
+    site: Site,
     mqtt: SocketAddr,
-    http: SocketAddr,
-    pki: &Path,
-    profiles: u64,
-) -> Result<Phase> {
-    let args = ctx.args;
-    let mut phase = Phase {
-        profiles,
-        users: args.users_of(profiles),
-        ..Phase::default()
-    };
-    let mut site = Site {
-        http,
-        sink: Arc::clone(ctx.sink),
-        dests: args.dests,
-        hook_base: ctx.sink.events.load(Ordering::Relaxed),
-        counters: Arc::new(Counters::default()),
-        readings: 0,
-        stored: 0,
-        profiles: None,
-        trouble: BTreeMap::new(),
-    };
-    let gate = |control: &Control, delivered_since: u64| {
-        if args.pipeline_window > 0 {
+    pki: PathBuf,
+    /// Per connection, the seq its next run starts at.
+    next_seqs: Vec<u64>,
+}
+
+impl Run<'_> {
+    /// Lets the devices run `pipeline_window` events ahead of `delivered`.
+    fn gate(&self, control: &Control, delivered: u64) {
+        if self.ctx.args.pipeline_window > 0 {
             control
                 .limit
-                .store(delivered_since + args.pipeline_window, Ordering::Relaxed);
+                .store(delivered + self.ctx.args.pipeline_window, Ordering::Relaxed);
         }
-    };
+    }
 
-    if profiles > 0 {
+    fn devices(&self, plan: Plan, control: &Arc<Control>) -> Devices {
+        Devices::start(
+            self.ctx,
+            self.mqtt,
+            &self.pki,
+            &self.next_seqs,
+            plan,
+            &self.site.counters,
+            control,
+        )
+    }
+
+    /// One reading, after checking that the devices and the gateway still run.
+    async fn step(&mut self, devices: &mut Devices, what: &str) -> Result<Reading> {
+        tokio::time::sleep(SCRAPE_EVERY).await;
+        devices.check().await?;
+        if let Some(status) = self.gateway.exited()? {
+            bail!("the gateway exited {what} ({status})");
+        }
+        self.site.read().await
+    }
+
+    /// One identify for each of `profiles` users, until both destinations delivered
+    /// them all (the gateway is fresh: every delivery is the seed's).
+    async fn seed(&mut self, profiles: u64) -> Result<(Seeded, u64)> {
+        let args = self.ctx.args;
         println!(
             "  seed: one identify for each of {} users, until both destinations delivered them ...",
             thousands(profiles as f64)
         );
         let control = Arc::new(Control::default());
-        gate(&control, 0);
+        self.gate(&control, 0);
         let t0 = Instant::now();
-        let mut devices = Devices::start(
-            ctx,
-            mqtt,
-            pki,
-            Plan::Seed {
-                first: 0,
-                end: profiles,
-            },
-            &site.counters,
-            &control,
-        );
-        let mut acked_at = None;
+        let plan = Plan::Seed {
+            first: 0,
+            end: profiles,
+        };
+        let mut devices = self.devices(plan, &control);
+        let (mut acked_at, mut done) = (None, false);
         let mut last_print = Instant::now();
-        let mut done = false;
         for _ in 0..MAX_READINGS {
-            tokio::time::sleep(SCRAPE_EVERY).await;
-            devices.check().await?;
-            if let Some(status) = gateway.exited()? {
-                bail!("the gateway exited during the seed ({status})");
-            }
-            let r = site.read().await?;
-            let delivered = site.delivered(&r);
-            gate(&control, delivered);
+            let r = self.step(&mut devices, "during the seed").await?;
+            let delivered = self.site.delivered(&r);
+            self.gate(&control, delivered);
             if acked_at.is_none() && r.acked >= profiles {
                 acked_at = Some(t0.elapsed());
             }
@@ -998,30 +1010,28 @@ async fn phase_load(
                     thousands(r.hook as f64)
                 );
             }
-            if delivered >= profiles && acked_at.is_some() {
-                done = true;
-                break;
-            }
-            if t0.elapsed() > args.seed_timeout {
+            done = delivered >= profiles && acked_at.is_some();
+            if done || t0.elapsed() > args.seed_timeout {
                 break;
             }
         }
         let delivered_in = t0.elapsed();
         control.stop.store(true, Ordering::Relaxed);
-        phase.rejected += devices.join().await?;
+        let (rejected, next_seqs) = devices.join().await?;
+        self.next_seqs = next_seqs;
         if !done {
             bail!(
                 "the seed was not delivered within {:?}: {:?}",
                 args.seed_timeout,
-                site.trouble
+                self.site.trouble
             );
         }
-        site.readings = 0;
-        let _ = site.read().await?;
+        self.site.readings = 0;
+        self.site.read().await?;
         let seeded = Seeded {
             acked: acked_at.unwrap_or(delivered_in),
             delivered: delivered_in,
-            profiles: site.profiles,
+            profiles: self.site.profiles,
         };
         println!(
             "    seeded: acked after {:.1} s, delivered by both after {:.1} s ({} ev/s); profiles in the gateway: {}",
@@ -1030,120 +1040,168 @@ async fn phase_load(
             thousands(profiles as f64 / seeded.delivered.as_secs_f64()),
             seeded.profiles.map_or("n/a".into(), |p| thousands(p as f64))
         );
-        phase.seed = Some(seeded);
+        Ok((seeded, rejected))
     }
 
-    println!(
-        "  load: {} connections, events over {} users, {:.0} s warm-up + {:.0} s measured ...",
-        args.connections,
-        thousands(phase.users as f64),
-        args.warmup.as_secs_f64(),
-        args.duration.as_secs_f64()
-    );
-    let counters = Arc::new(Counters::default());
-    site.counters = Arc::clone(&counters);
-    let control = Arc::new(Control::default());
-    site.readings = 0;
-    let base = site.read().await?;
-    let base_delivered = site.delivered(&base);
-    gate(&control, 0);
-    let mut devices = Devices::start(
-        ctx,
-        mqtt,
-        pki,
-        Plan::Mix {
+    /// The warm-up and the measured seconds; fills in `phase`'s rates and readings.
+    async fn measure(&mut self, phase: &mut Phase) -> Result<()> {
+        let args = self.ctx.args;
+        println!(
+            "  load: {} connections, events over {} users, {:.0} s warm-up + {:.0} s measured ...",
+            args.connections,
+            thousands(phase.users as f64),
+            args.warmup.as_secs_f64(),
+            args.duration.as_secs_f64()
+        );
+        self.site.counters = Arc::new(Counters::default());
+        let control = Arc::new(Control::default());
+        self.site.readings = 0;
+        let base = self.site.read().await?;
+        let base_delivered = self.site.delivered(&base);
+        self.gate(&control, 0);
+        let plan = Plan::Mix {
             users: phase.users,
             identify_every: args.identify_every,
-        },
-        &counters,
-        &control,
-    );
-    let t0 = Instant::now();
-    let end = t0 + args.warmup + args.duration;
-    let mut readings: Vec<Reading> = vec![base];
-    let mut cpu: Option<CpuStart> = None;
-    let mut steady_from = None;
-    for _ in 0..MAX_READINGS {
-        tokio::time::sleep(SCRAPE_EVERY).await;
-        devices.check().await?;
-        if let Some(status) = gateway.exited()? {
-            bail!("the gateway exited under load ({status})");
+        };
+        let mut devices = self.devices(plan, &control);
+        let t0 = Instant::now();
+        let end = t0 + args.warmup + args.duration;
+        let mut readings: Vec<Reading> = vec![base];
+        let mut cpu: Option<CpuStart> = None;
+        let mut steady_from = 0;
+        for _ in 0..MAX_READINGS {
+            let r = self.step(&mut devices, "under load").await?;
+            let delivered = self.site.delivered(&r).saturating_sub(base_delivered);
+            self.gate(&control, delivered);
+            readings.push(r);
+            if cpu.is_none() && t0.elapsed() >= args.warmup {
+                cpu = Some(CpuStart::now(self.gateway.pid));
+                steady_from = readings.len() - 1;
+            }
+            if Instant::now() >= end {
+                break;
+            }
         }
-        let r = site.read().await?;
-        gate(&control, site.delivered(&r).saturating_sub(base_delivered));
-        readings.push(r);
-        if cpu.is_none() && t0.elapsed() >= args.warmup {
-            cpu = Some(CpuStart::now(gateway.pid));
-            steady_from = Some(readings.len() - 1);
-        }
-        if Instant::now() >= end {
-            break;
-        }
-    }
-    let cpu_use = cpu.map(|c| c.finish(gateway.pid)).unwrap_or_default();
-    control.stop.store(true, Ordering::Relaxed);
-    phase.rejected += devices.join().await?;
-    phase.hwm_kib = proc_status_kib(gateway.pid, "VmHWM")?;
-    phase.rss_kib = proc_status_kib(gateway.pid, "VmRSS")?;
-    site.readings = 0;
-    let _ = site.read().await?;
-    phase.profiles_after = site.profiles;
+        phase.cpu = cpu.map(|c| c.finish(self.gateway.pid)).unwrap_or_default();
+        control.stop.store(true, Ordering::Relaxed);
+        let (rejected, next_seqs) = devices.join().await?;
+        phase.rejected += rejected;
+        self.next_seqs = next_seqs;
+        phase.hwm_kib = proc_status_kib(self.gateway.pid, "VmHWM")?;
+        phase.rss_kib = proc_status_kib(self.gateway.pid, "VmRSS")?;
+        self.site.readings = 0;
+        self.site.read().await?;
+        phase.profiles_after = self.site.profiles;
 
-    let from = readings[steady_from.unwrap_or(0)];
-    let to = *readings.last().unwrap_or(&from);
-    let secs = (to.at - from.at).as_secs_f64().max(1e-9);
-    let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
-    phase.file = rate(from.file, to.file);
-    phase.hook = rate(from.hook, to.hook);
-    phase.stored = rate(from.stored, to.stored);
-    phase.acked = rate(from.acked, to.acked);
-    phase.rate = rate(site.delivered(&from), site.delivered(&to));
-    phase.cpu = cpu_use;
-    // Delivered (slower destination) in each whole second since the load started.
-    let mut prev = site.delivered(&base);
-    let mut second = 1;
-    for r in &readings {
-        if r.at >= t0 + Duration::from_secs(second) {
-            let d = site.delivered(r);
-            phase.per_second.push(d.saturating_sub(prev));
-            prev = d;
-            second += 1;
+        let from = readings[steady_from];
+        let to = *readings.last().unwrap_or(&from);
+        let secs = (to.at - from.at).as_secs_f64().max(1e-9);
+        let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+        phase.steady = Duration::from_secs_f64(secs);
+        phase.file = rate(from.file, to.file);
+        phase.hook = rate(from.hook, to.hook);
+        phase.stored = rate(from.stored, to.stored);
+        phase.acked = rate(from.acked, to.acked);
+        phase.rate = match args.dests {
+            Dests::Both => phase.file.min(phase.hook),
+            Dests::File => phase.file,
+            Dests::Webhook => phase.hook,
+            Dests::None => phase.stored,
+        };
+        // Delivered (slower destination) in each whole second since the load started.
+        let mut prev = base_delivered;
+        let mut second = 1;
+        for r in &readings {
+            if r.at >= t0 + Duration::from_secs(second) {
+                let d = self.site.delivered(r);
+                phase.per_second.push(d.saturating_sub(prev));
+                prev = d;
+                second += 1;
+            }
         }
+        Ok(())
     }
-    println!(
-        "    delivered per second (slower destination): {}",
-        phase
+}
+
+async fn phase_load(
+    ctx: &Ctx<'_>,
+    gateway: &mut Daemon,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    pki: &Path,
+    profiles: u64,
+) -> Result<Phase> {
+    let mut phase = Phase {
+        profiles,
+        users: ctx.args.users_of(profiles),
+        ..Phase::default()
+    };
+    let site = Site {
+        http,
+        sink: Arc::clone(ctx.sink),
+        dests: ctx.args.dests,
+        hook_base: ctx.sink.events.load(Ordering::Relaxed),
+        counters: Arc::new(Counters::default()),
+        readings: 0,
+        stored: 0,
+        profiles: None,
+        trouble: BTreeMap::new(),
+    };
+    let mut run = Run {
+        ctx,
+        gateway,
+        site,
+        mqtt,
+        pki: pki.to_owned(),
+        next_seqs: Vec::new(),
+    };
+    if profiles > 0 {
+        let (seeded, rejected) = run.seed(profiles).await?;
+        phase.seed = Some(seeded);
+        phase.rejected += rejected;
+    }
+    run.measure(&mut phase).await?;
+    phase.print(&run.site.trouble);
+    Ok(phase)
+}
+
+impl Phase {
+    fn print(&self, trouble: &BTreeMap<String, String>) {
+        let per_second: Vec<String> = self
             .per_second
             .iter()
             .map(|n| thousands(*n as f64))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    println!(
-        "    steady state over {secs:.1} s: files {} ev/s, webhook {} ev/s, inbox commits {} ev/s (last /metrics read), acks {} ev/s",
-        thousands(phase.file),
-        thousands(phase.hook),
-        thousands(phase.stored),
-        thousands(phase.acked)
-    );
-    for (name, t) in &site.trouble {
-        println!("    destination {name}: {t}");
+            .collect();
+        println!(
+            "    delivered per second (slower destination): {}",
+            per_second.join(" ")
+        );
+        println!(
+            "    steady state over {:.1} s: files {} ev/s, webhook {} ev/s, inbox commits {} ev/s (/metrics, read every 1 s), acks {} ev/s",
+            self.steady.as_secs_f64(),
+            thousands(self.file),
+            thousands(self.hook),
+            thousands(self.stored),
+            thousands(self.acked)
+        );
+        for (name, t) in trouble {
+            println!("    destination {name}: {t}");
+        }
+        println!(
+            "    cpu (% of one core): gateway {:.0}%, fanbench {:.0}%, other processes {:.0}%",
+            100.0 * self.cpu.gateway,
+            100.0 * self.cpu.me,
+            100.0 * self.cpu.other
+        );
+        println!("    gateway threads: {}", self.cpu.threads);
+        println!(
+            "    gateway RSS: peak {:.0} MiB, now {:.0} MiB; profiles: {}; events rejected by the gateway: {}",
+            mib(self.hwm_kib),
+            mib(self.rss_kib),
+            self.profiles_after.map_or("n/a".into(), |p| thousands(p as f64)),
+            self.rejected
+        );
     }
-    println!(
-        "    cpu (% of one core): gateway {:.0}%, fanbench {:.0}%, other processes {:.0}%",
-        100.0 * phase.cpu.gateway,
-        100.0 * phase.cpu.me,
-        100.0 * phase.cpu.other
-    );
-    println!("    gateway threads: {}", phase.cpu.threads);
-    println!(
-        "    gateway RSS: peak {:.0} MiB, now {:.0} MiB; profiles: {}; events rejected by the gateway: {}",
-        mib(phase.hwm_kib),
-        mib(phase.rss_kib),
-        phase.profiles_after.map_or("n/a".into(), |p| thousands(p as f64)),
-        phase.rejected
-    );
-    Ok(phase)
 }
 
 // ---------------------------------------------------------------------------------
