@@ -7,6 +7,7 @@ pub mod admin;
 pub mod bench;
 pub mod http;
 pub mod mosquitto;
+pub mod postgres;
 pub mod wireload;
 
 use std::io::Read;

@@ -71,7 +71,6 @@ impl Sql {
             "CREATE TABLE IF NOT EXISTS {events} (
                 event_id uuid PRIMARY KEY,
                 seq bigint NOT NULL,
-                message_id text,
                 \"type\" text,
                 event text,
                 user_id text,
@@ -86,13 +85,13 @@ impl Sql {
             )"
         )];
         let insert_events = format!(
-            "INSERT INTO {events} (event_id, seq, message_id, \"type\", event, user_id,
+            "INSERT INTO {events} (event_id, seq, \"type\", event, user_id,
                 anonymous_id, profile_id, \"timestamp\", received_at, properties, traits,
                 context, body)
-             SELECT event_id, seq, message_id, \"type\", event, user_id, anonymous_id,
+             SELECT event_id, seq, \"type\", event, user_id, anonymous_id,
                 profile_id, \"timestamp\", received_at, properties, traits, context, body
              FROM jsonb_to_recordset($1::text::jsonb) AS r(event_id uuid, seq bigint,
-                message_id text, \"type\" text, event text, user_id text, anonymous_id text,
+                \"type\" text, event text, user_id text, anonymous_id text,
                 profile_id bigint, \"timestamp\" timestamptz, received_at timestamptz,
                 properties jsonb, traits jsonb, context jsonb, body jsonb)
              ON CONFLICT (event_id) DO NOTHING"
@@ -342,7 +341,6 @@ fn classify(sqlstate: Option<&str>) -> ErrorClass {
 struct EventRow<'a> {
     event_id: String,
     seq: i64,
-    message_id: Option<&'a str>,
     #[serde(rename = "type")]
     kind: Option<&'a str>,
     event: Option<&'a str>,
@@ -405,7 +403,6 @@ fn encode_batch(batch: &[Delivery], snapshots: bool) -> Result<(String, String),
         rows.push(EventRow {
             event_id: d.event_id.to_string(),
             seq,
-            message_id: text(body, "messageId"),
             kind: text(body, "type"),
             event: text(body, "event").or_else(|| text(body, "name")),
             user_id: text(body, "userId"),
@@ -429,8 +426,7 @@ fn encode_batch(batch: &[Delivery], snapshots: bool) -> Result<(String, String),
     }
     let events = serde_json::to_string(&rows).map_err(|e| format!("encode events: {e}"))?;
     let profiles: Vec<ProfileRow> = profiles.into_values().collect();
-    let profiles =
-        serde_json::to_string(&profiles).map_err(|e| format!("encode profiles: {e}"))?;
+    let profiles = serde_json::to_string(&profiles).map_err(|e| format!("encode profiles: {e}"))?;
     Ok((events, profiles))
 }
 
@@ -510,7 +506,7 @@ mod tests {
     #[test]
     fn minimized_fields_become_nulls_not_errors() {
         let d = delivery(3, 9, json!({"type": "track", "event": "Play"}));
-        let (events, _) = encode_batch(&[d.clone()], false).unwrap();
+        let (events, _) = encode_batch(std::slice::from_ref(&d), false).unwrap();
         let rows: Value = serde_json::from_str(&events).unwrap();
         let row = &rows[0];
         assert_eq!(row["event_id"], d.event_id.to_string());
@@ -518,7 +514,13 @@ mod tests {
         assert_eq!(row["type"], "track");
         assert_eq!(row["event"], "Play");
         assert_eq!(row["profile_id"], 9);
-        for absent in ["user_id", "anonymous_id", "timestamp", "properties", "context"] {
+        for absent in [
+            "user_id",
+            "anonymous_id",
+            "timestamp",
+            "properties",
+            "context",
+        ] {
             assert!(row[absent].is_null(), "{absent}: {row}");
         }
         assert_eq!(row["body"], d.body);
@@ -526,9 +528,11 @@ mod tests {
 
     #[test]
     fn page_and_screen_names_fill_the_event_column() {
-        let (events, _) =
-            encode_batch(&[delivery(1, 1, json!({"type": "screen", "name": "Home"}))], false)
-                .unwrap();
+        let (events, _) = encode_batch(
+            &[delivery(1, 1, json!({"type": "screen", "name": "Home"}))],
+            false,
+        )
+        .unwrap();
         let rows: Value = serde_json::from_str(&events).unwrap();
         assert_eq!(rows[0]["event"], "Home");
     }
@@ -556,12 +560,20 @@ mod tests {
     #[test]
     fn snapshots_merge_one_row_per_profile_in_id_order() {
         let batch = [
-            delivery(1, 5, json!({"userId": "c1", "traits": {"plan": "free", "ltv": 1},
-                "receivedAt": "2024-05-01T10:00:00Z"})),
+            delivery(
+                1,
+                5,
+                json!({"userId": "c1", "traits": {"plan": "free", "ltv": 1},
+                "receivedAt": "2024-05-01T10:00:00Z"}),
+            ),
             delivery(2, 2, json!({"anonymousId": "a2"})),
-            delivery(3, 5, json!({"traits": {"plan": "pro"},
+            delivery(
+                3,
+                5,
+                json!({"traits": {"plan": "pro"},
                 "context": {"externalIds": {"email": "x@y.z"}},
-                "receivedAt": "2024-05-01T11:00:00Z"})),
+                "receivedAt": "2024-05-01T11:00:00Z"}),
+            ),
             delivery(4, 0, json!({"anonymousId": "nobody"})),
         ];
         let (_, profiles) = encode_batch(&batch, true).unwrap();
@@ -592,8 +604,14 @@ mod tests {
         assert_eq!(classify(Some("23502")), ErrorClass::Data); // not null violation
         assert_eq!(classify(Some("54000")), ErrorClass::Data);
         assert_eq!(classify(Some("42P01")), ErrorClass::MissingTable);
-        for transient in ["40001", "40P01", "53300", "57P01", "08006", "42501", "53100"] {
-            assert_eq!(classify(Some(transient)), ErrorClass::Transient, "{transient}");
+        for transient in [
+            "40001", "40P01", "53300", "57P01", "08006", "42501", "53100",
+        ] {
+            assert_eq!(
+                classify(Some(transient)),
+                ErrorClass::Transient,
+                "{transient}"
+            );
         }
         assert_eq!(classify(None), ErrorClass::Transient);
     }
@@ -611,7 +629,9 @@ mod tests {
     fn the_upsert_rides_in_the_insert_statement_only_with_snapshots() {
         let with = Sql::new("edge_", true);
         assert_eq!(with.create.len(), 2);
-        assert!(with.insert.starts_with("WITH ev AS (INSERT INTO edge_events"));
+        assert!(with
+            .insert
+            .starts_with("WITH ev AS (INSERT INTO edge_events"));
         assert!(with.insert.contains("ON CONFLICT (event_id) DO NOTHING"));
         let without = Sql::new("edge_", false);
         assert_eq!(without.create.len(), 1);
