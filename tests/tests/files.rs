@@ -219,3 +219,42 @@ fn a_file_destination_gets_only_the_events_and_fields_it_allows() {
     assert_eq!(lines[0]["properties"], serde_json::json!({"sku": "A-1"}));
     assert!(lines[0].get("context").is_none(), "{}", lines[0]);
 }
+
+#[test]
+fn batch_mode_writes_one_closed_file_per_scheduled_run() {
+    let mut gw = Gateway::new(
+        &[],
+        &format!(
+            "{SOURCE}[[destinations]]\nname = \"nightly\"\nkind = \"file\"\ndir = \"nightly\"\n\
+             mode = \"batch\"\nschedule = \"300ms\"\nbatch_size = 40\ngzip = true\nmax_file_age = \"1h\"\n"
+        ),
+    );
+    gw.start();
+    let dir = gw.data_dir.join("nightly");
+    let auth = basic(SOURCE_KEY, "");
+    let mut expected = Vec::new();
+    for run in 0..2 {
+        let (ids, body) = batch(&format!("nightly-{run}"), 100);
+        let resp = post(gw.http, "/v1/batch", &auth, &body).unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        expected.extend(ids.iter().map(|id| event_id(id)));
+        // Each run's events end up in closed files only: nothing stays `.open`.
+        let closed_with_all = wait_until(Duration::from_secs(20), || {
+            let names: Vec<String> = files(&dir)
+                .iter()
+                .map(|f| f.to_string_lossy().into_owned())
+                .collect();
+            names.iter().all(|n| n.ends_with(".ndjson.gz"))
+                && gz_message_ids(&dir).is_ok_and(|got| got.len() == expected.len())
+        });
+        assert!(closed_with_all, "run {run}: files {:?}", files(&dir));
+    }
+    let (clean, log) = gw.stop_term();
+    assert!(clean, "{log}");
+    assert_eq!(gz_message_ids(&dir).unwrap(), expected);
+    assert!(
+        files(&dir).len() >= 2,
+        "one file per run: {:?}",
+        files(&dir)
+    );
+}

@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flate2::write::GzEncoder;
@@ -242,11 +242,7 @@ impl FileDestination {
                 Ok(false) => {}
                 Err(e) => {
                     warn!(destination = %self.name(), error = %e, "File destination write failed; retrying.");
-                    *self
-                        .stats
-                        .last_error
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+                    self.stats.set_error(&e.to_string());
                     // Re-derive the file from the last commit before trying again.
                     drop(file.take());
                     if let Ok(c) = self.load() {
