@@ -499,3 +499,63 @@ fn consent_keeps_denied_advertising_and_ccpa_opt_outs_away() {
     assert_eq!(ads.accepted().len(), 3);
     assert_eq!(sale.accepted().len(), 3);
 }
+
+#[test]
+fn batch_mode_delivers_what_accumulated_once_per_schedule() {
+    let server = WebhookServer::start(|_| Reply::ok());
+    let started = std::time::Instant::now();
+    let gw = gateway(&webhook(
+        "nightly",
+        &server.url("/bulk"),
+        "mode = \"batch\"\nschedule = \"3s\"\nformat = \"batch\"\nbatch_size = 500",
+    ));
+    let ids: Vec<String> = (0..40).map(|n| id(0x10, n)).collect();
+    send_segment(
+        &gw,
+        ids.iter()
+            .map(|i| track(i, "u1", "Play", json!({ "analytics": true })))
+            .collect(),
+    );
+    assert!(wait_until(DELIVERY, || !server.accepted().is_empty()));
+    let requests = server.requests();
+    // The first run comes one schedule after the start, with everything in one request.
+    assert!(
+        requests[0].at - started >= Duration::from_millis(2900),
+        "ran after {:?}",
+        requests[0].at - started
+    );
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let sent: BTreeSet<String> = requests[0].json()["batch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent, ids.iter().cloned().collect());
+}
+
+#[test]
+fn the_rate_limit_spaces_requests() {
+    let server = WebhookServer::start(|_| Reply::ok());
+    let gw = gateway(&webhook(
+        "slow",
+        &server.url("/in"),
+        "rate_limit = 5\nconcurrency = 4",
+    ));
+    let ids: Vec<String> = (0..8).map(|n| id(0x11, n)).collect();
+    send_segment(
+        &gw,
+        ids.iter()
+            .map(|i| track(i, "u1", "Play", json!({ "analytics": true })))
+            .collect(),
+    );
+    assert!(wait_until(DELIVERY, || server.accepted().len() == ids.len()));
+    let requests = server.requests();
+    assert_eq!(requests.len(), ids.len());
+    // 5 a second with a burst of one: 8 requests span at least 7/5 s.
+    let span = requests[ids.len() - 1].at - requests[0].at;
+    assert!(
+        span >= Duration::from_millis(1300),
+        "8 requests in {span:?}"
+    );
+}

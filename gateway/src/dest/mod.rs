@@ -188,6 +188,22 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// GDPR erasure: removes the erased profile's dead letters from every
+    /// destination (its queued events go with the inbox); returns how many.
+    pub async fn erase(
+        &self,
+        erased: &crate::profiles::Erased,
+    ) -> Result<u64, crate::store::StoreError> {
+        outbox::dead_letters::erase(
+            &self.ctx.store,
+            erased.profile_id,
+            erased.identities.clone(),
+        )
+        .await
+    }
+}
+
 /// What destinations need from the rest of the gateway.
 #[derive(Debug, Clone)]
 pub struct DestContext {

@@ -138,6 +138,43 @@ pub async fn remove(store: &Store, dest: &str, ids: Vec<u64>) -> Result<(), Stor
         .await
 }
 
+/// GDPR erasure: deletes every dead letter (of any destination) whose event was
+/// resolved to `profile_id` or carries one of `identities`; returns how many.
+pub async fn erase(
+    store: &Store,
+    profile_id: u64,
+    identities: Vec<(String, String)>,
+) -> Result<u64, StoreError> {
+    store
+        .apply(move |txn| {
+            let mut t = txn.open_table(DEAD_LETTERS).st()?;
+            let mut doomed: Vec<(String, u64)> = Vec::new();
+            for row in t.iter().st()? {
+                let (k, v) = row.st()?;
+                let (dest, id) = k.value();
+                // An undecodable letter cannot be matched; it stays for an operator.
+                let Ok(letter) = postcard::from_bytes::<StoredLetter>(v.value()) else {
+                    continue;
+                };
+                let e = &letter.enrichment;
+                let ids = &letter.record.event.identities;
+                let own = [ids.user_id.as_deref(), ids.anonymous_id.as_deref()];
+                let held = |(t, v): &(String, String)| {
+                    e.identities.iter().any(|(et, ev)| et == t && ev == v)
+                        || own.contains(&Some(v.as_str()))
+                };
+                if e.profile_id == profile_id || identities.iter().any(held) {
+                    doomed.push((dest.to_owned(), id));
+                }
+            }
+            for (dest, id) in &doomed {
+                t.remove((dest.as_str(), *id)).st()?;
+            }
+            Ok(doomed.len() as u64)
+        })
+        .await
+}
+
 /// Up to `limit` stored dead letters of `dest` with ids above `after`, in id order.
 pub fn load(
     store: &Store,
@@ -248,6 +285,35 @@ mod tests {
         assert_eq!((left[0].0, left[0].1.reason.as_str()), (2, "again"));
         assert_eq!(left[0].1.routed(), routed(2));
         assert!(load(&store, "a", u64::MAX, 10).unwrap().is_empty());
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn erasure_removes_a_profiles_letters_in_every_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20, &[]).unwrap();
+        let of = |seq: u64, profile: u64, user: &str| {
+            let mut r = routed(seq);
+            r.enrichment.profile_id = profile;
+            r.record.event.identities.user_id = Some(user.into());
+            StoredLetter::new(&r, &serde_json::json!({}), "400", 5)
+        };
+        add(&store, "a", vec![of(1, 7, "ada"), of(2, 8, "bob")])
+            .await
+            .unwrap();
+        add(&store, "b", vec![of(3, 9, "ada"), of(4, 8, "bob")])
+            .await
+            .unwrap();
+        let ids = vec![("customer_id".to_owned(), "ada".to_owned())];
+        assert_eq!(erase(&store, 7, ids).await.unwrap(), 2);
+        let left = |d: &str| -> Vec<u64> {
+            load(&store, d, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|(_, l)| l.seq)
+                .collect()
+        };
+        assert_eq!((left("a"), left("b")), (vec![2], vec![4]));
         store.close().await;
     }
 }
