@@ -36,7 +36,10 @@ impl Admin {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Reply, ApiError> {
-        let header_key = basic(headers).map(|(user, _)| user);
+        // An empty Basic user is no key: the body's `writeKey` may still carry one.
+        let header_key = basic(headers)
+            .map(|(user, _)| user)
+            .filter(|user| !user.is_empty());
         // A header key is checked before parsing; a body key only can be after.
         if let Some(key) = &header_key {
             segment_source(&self.sources, Some(key))?;

@@ -3,7 +3,7 @@
 //! - [`ingest`]: Segment `/v1/*` and mParticle `/v2/*` for sources without an agent.
 //! - [`admin`]: `/v1/devices`, `/v1/profiles` (lookup, erase), `/v1/destinations`
 //!   (status, dead letters, replay); Bearer `http.admin_token`, or loopback only.
-//! - [`metrics`]: `/metrics`.
+//! - [`metrics`]: what `/metrics` shows.
 //! - [`client`]: the admin CLI's side of the API.
 //!
 //! This module owns the socket, the routing and the body limits; it answers nothing
@@ -114,7 +114,7 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<Route<'p>, ApiError> {
             if !post {
                 return Err(not_allowed());
             }
-            Route::Segment(*call)
+            Route::Segment(call)
         }
         ["v2", "events"] if post => Route::Mparticle { bulk: false },
         ["v2", "bulkevents"] if post => Route::Mparticle { bulk: true },
