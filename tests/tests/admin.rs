@@ -80,6 +80,7 @@ fn profiles_are_found_by_customer_id_and_email_and_erased() {
     let erased = call(gw.http, "DELETE", by_customer, None).unwrap();
     assert_eq!(erased.status, 200, "{}", erased.body);
     assert_eq!(erased.json()["erased"], profile["id"]);
+    assert_eq!(erased.json()["dead_letters_removed"], 0, "{}", erased.body);
     assert_eq!(get(gw.http, by_customer).unwrap().status, 404);
     assert_eq!(
         get(gw.http, "/v1/profiles/email/ada%40example.com")

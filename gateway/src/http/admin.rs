@@ -53,14 +53,26 @@ impl Admin {
         }
     }
 
-    /// `DELETE /v1/profiles/{type}/{value}`: GDPR erasure, then a `PurgeUser` to every
-    /// device that held the user, for each of the user's ids.
+    /// `DELETE /v1/profiles/{type}/{value}`: GDPR erasure (profile, identity links,
+    /// queued events, dead letters), then a `PurgeUser` to every device that held the
+    /// user, for each of the user's ids.
     pub(super) async fn erase(&self, id_type: &str, value: &str) -> Result<Reply, ApiError> {
         let erased = self
             .profiles
             .erase(&self.store, id_type, value)
             .await?
             .ok_or_else(|| no_profile(id_type, value))?;
+        // The profile is gone already from here on: a failure below is reported in the
+        // answer, not as an error status, which would make the caller retry an erase
+        // that now finds nothing.
+        let (dead_letters_removed, dead_letter_error) = match self.destinations.erase(&erased).await
+        {
+            Ok(n) => (Some(n), None),
+            Err(e) => {
+                warn!(profile = erased.profile_id, error = %e, "Could not remove an erased profile's dead letters.");
+                (None, Some(e.to_string()))
+            }
+        };
         let mut queued = 0u64;
         let mut failed = Vec::new();
         // Server-side sources hold nothing: only agents get a purge.
@@ -76,8 +88,6 @@ impl Admin {
                 match self.downlinks.queue(device, message).await {
                     Ok(()) => queued += 1,
                     Err(e) => {
-                        // The profile is gone already; answering an error would make
-                        // the caller retry an erase that now finds nothing. Report it.
                         warn!(device = %device.0, error = %e, "Could not queue a user purge for a device.");
                         failed
                             .push(serde_json::json!({"device": device.0, "error": e.to_string()}));
@@ -100,6 +110,8 @@ impl Admin {
                 "devices": erased.devices.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
                 "purges_queued": queued,
                 "purge_errors": failed,
+                "dead_letters_removed": dead_letters_removed,
+                "dead_letter_error": dead_letter_error,
             }),
         ))
     }
