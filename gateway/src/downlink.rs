@@ -53,9 +53,9 @@ pub struct Downlinks {
 
 /// What one queue write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Queued {
+enum QueueWrite {
     Added,
-    AlreadyQueued,
+    AlreadyThere,
     Full,
 }
 
@@ -75,10 +75,10 @@ impl Downlinks {
             .apply(move |txn| queue_in(txn, &id, &frame))
             .await?;
         match outcome {
-            Queued::Full => Err(StoreError::Storage(format!(
+            QueueWrite::Full => Err(StoreError::Storage(format!(
                 "the downlink queue of device `{device}` is full ({MAX_QUEUED_PER_DEVICE} messages waiting for it to connect)"
             ))),
-            Queued::Added | Queued::AlreadyQueued => {
+            QueueWrite::Added | QueueWrite::AlreadyThere => {
                 if self.sessions.wake(device) {
                     debug!(device = %device, "Downlink queued; sending to the connected device.");
                 }
@@ -142,24 +142,24 @@ impl Downlinks {
     }
 }
 
-fn queue_in(txn: &WriteTransaction, device: &str, frame: &[u8]) -> Result<Queued, StoreError> {
+fn queue_in(txn: &WriteTransaction, device: &str, frame: &[u8]) -> Result<QueueWrite, StoreError> {
     let mut t = txn.open_table(DOWNLINKS).st()?;
     let mut count = 0;
     for row in t.range((device, 0)..=(device, u64::MAX)).st()? {
         let (_, v) = row.st()?;
         if v.value() == frame {
-            return Ok(Queued::AlreadyQueued);
+            return Ok(QueueWrite::AlreadyThere);
         }
         count += 1;
     }
     if count >= MAX_QUEUED_PER_DEVICE {
-        return Ok(Queued::Full);
+        return Ok(QueueWrite::Full);
     }
     let mut meta = txn.open_table(DOWNLINK_META).st()?;
     let id = meta.get(NEXT_ID).st()?.map_or(1, |v| v.value());
     t.insert((device, id), frame).st()?;
     meta.insert(NEXT_ID, id + 1).st()?;
-    Ok(Queued::Added)
+    Ok(QueueWrite::Added)
 }
 
 /// What one device connection has sent of the queue and not yet seen acknowledged.

@@ -14,7 +14,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use edge_agent::model::{now_ms, DeviceId, Event, EventKind, Seq, Source};
@@ -142,7 +141,10 @@ fn spooled(agent: &Agent) -> Vec<(String, Option<String>)> {
         .export()
         .iter()
         .map(|e| {
-            let id = e["properties"]["tag"].as_str().unwrap_or_default().to_owned();
+            let id = e["properties"]["tag"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let user = e["identities"]["user_id"].as_str().map(str::to_owned);
             (id, user)
         })
