@@ -668,7 +668,7 @@ impl Site {
             }
         }
         // Without destinations the inbox commits are what is measured: read them every time.
-        if self.dests == Dests::None || self.readings % METRICS_EVERY == 0 {
+        if self.dests == Dests::None || self.readings.is_multiple_of(METRICS_EVERY) {
             let text = String::from_utf8_lossy(&self.get("/metrics").await?).into_owned();
             let value = |name: &str| {
                 text.lines()
