@@ -454,8 +454,9 @@ fn purge(
     Ok(())
 }
 
-/// Removes every queued event of `user_id` (its user id or anonymous id) and its
-/// consent record; persists `devices`. Returns how many events went.
+/// Removes every queued event of `user_id` (its user id, or the anonymous id of its
+/// logged-out events) and its consent record; persists `devices`. Returns how many
+/// events went.
 fn purge_user(
     shared: &Shared,
     txn: &WriteTransaction,
@@ -475,10 +476,14 @@ fn purge_user(
             let Ok(event) = decode_event(k.value(), v.value()) else {
                 continue;
             };
+            // An anonymous id matches only logged-out events: on a shared TV the
+            // other members' events carry the same anonymous id with their own user id.
             let ids = &event.identities;
-            if ids.user_id.as_deref() == Some(user_id)
-                || ids.anonymous_id.as_deref() == Some(user_id)
-            {
+            let theirs = match ids.user_id.as_deref() {
+                Some(u) => u == user_id,
+                None => ids.anonymous_id.as_deref() == Some(user_id),
+            };
+            if theirs {
                 doomed.push(k.value());
             }
         }

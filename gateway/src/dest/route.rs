@@ -16,7 +16,8 @@
 //! gets nothing from a user whose snapshot or later profile consent says CCPA opt-out.
 //!
 //! # Minimization: nothing else leaves
-//! Always sent: `messageId` (the event id, also the `Idempotency-Key`), `type`,
+//! Always sent: `messageId` (the app's, else the event id; the event id is the
+//! `Idempotency-Key`), `type`,
 //! `event` (track) or `name` (page/screen), `timestamp`, `originalTimestamp`,
 //! `receivedAt`. The gateway's internals (`_edge`: sender, lane, seq) never leave.
 //!
@@ -212,7 +213,10 @@ impl Route {
         let e = &record.event;
         let kind = segment_type(&e.kind);
         let mut out = Map::new();
-        out.insert("messageId".into(), json!(e.id.to_string()));
+        // The app's own messageId when it gave one (tools correlate and dedupe by it);
+        // the event id (also the Idempotency-Key) otherwise.
+        let message_id = e.message_id.clone().unwrap_or_else(|| e.id.to_string());
+        out.insert("messageId".into(), json!(message_id));
         out.insert("type".into(), json!(kind));
         match (kind, event_name(&e.kind, e.name.as_deref())) {
             ("track", Some(n)) => drop(out.insert("event".into(), json!(n))),
