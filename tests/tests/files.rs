@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edge_agent::model::EventId;
 use edge_tests::http::post;
 use edge_tests::{basic, wait_until, Gateway};
 use flate2::read::MultiGzDecoder;

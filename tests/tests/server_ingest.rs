@@ -7,7 +7,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use edge_agent::model::EventId;
 use edge_tests::admin::{gateway, TV_KEY, TV_SECRET, WEB_KEY};
 use edge_tests::http::{post, request};
 use edge_tests::{basic, fixture, wait_until, Gateway};
