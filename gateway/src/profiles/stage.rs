@@ -32,10 +32,10 @@ use crate::store::{InboxRecord, Store, StoreError, INBOX, R};
 pub const GROUP_MAX: usize = 2000;
 /// Most `enriched` rows pruned by one commit.
 const MAX_PRUNE: u64 = 10_000;
-/// Cached profiles kept between groups; above it the cache starts over.
-const MAX_CACHED_PROFILES: usize = 50_000;
+/// Cached profiles kept between groups (a few hundred bytes each).
+const MAX_CACHED_PROFILES: usize = 100_000;
 /// Cached identifier lookups (hits and misses) kept between groups.
-const MAX_CACHED_IDS: usize = 200_000;
+const MAX_CACHED_IDS: usize = 300_000;
 /// Retry delays after a storage error.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -121,11 +121,11 @@ impl Resolver {
         now: i64,
     ) -> Result<(), StoreError> {
         let result = self.try_resolve_group(records, through, prune_through, now);
-        if result.is_err()
-            || self.cache.ids.len() > MAX_CACHED_IDS
-            || self.cache.profiles.len() > MAX_CACHED_PROFILES
-        {
+        if result.is_err() {
             self.clear();
+        } else {
+            evict(&mut self.cache.ids, MAX_CACHED_IDS);
+            evict(&mut self.cache.profiles, MAX_CACHED_PROFILES);
         }
         result
     }
@@ -322,6 +322,23 @@ impl Cache {
         }
         g.dirty_profiles.insert(survivor);
     }
+}
+
+/// Brings `map` back to three quarters of `cap` once it is above it, dropping
+/// arbitrary entries (in effect random: cheaper than tracking recency, and a hot
+/// entry dropped is simply read again).
+fn evict<K, V>(map: &mut HashMap<K, V>, cap: usize) {
+    if map.len() <= cap {
+        return;
+    }
+    let mut excess = map.len() - cap / 4 * 3;
+    map.retain(|_, _| {
+        if excess == 0 {
+            return true;
+        }
+        excess -= 1;
+        false
+    });
 }
 
 fn prune_enriched(t: &mut Table<'_, u64, &'static [u8]>, through: u64) -> Result<(), StoreError> {
@@ -657,4 +674,19 @@ pub fn bulk_seed(shared: &Shared, n: u64) -> Result<(), StoreError> {
 pub fn count(shared: &Shared) -> Result<u64, StoreError> {
     let r = shared.db.begin_read().st()?;
     r.open_table(PROFILES).st()?.len().st()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overfull_cache_is_cut_to_three_quarters_and_a_full_one_is_kept() {
+        let mut m: HashMap<u64, ()> = (0..1000).map(|i| (i, ())).collect();
+        evict(&mut m, 1000);
+        assert_eq!(m.len(), 1000);
+        m.insert(1000, ());
+        evict(&mut m, 1000);
+        assert_eq!(m.len(), 750);
+    }
 }
