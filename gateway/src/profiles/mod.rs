@@ -9,6 +9,12 @@
 //!
 //! Destinations read [`Profiles::read_routed`]: inbox records up to the resolved head,
 //! each with its enrichment. Erased profiles' events are gone from both.
+//!
+//! - `identity`: which identifiers an event carries, and the resolution rules (pure).
+//! - `profile`: the stored profile, one event's effect on it, merging two (pure).
+//! - `computed`: computed attribute state, windows as time buckets (pure).
+//! - `stage`: the resolver task (the only writer), erase, bulk seeding.
+//! - `db`: tables and encodings of `profiles.redb`.
 
 mod computed;
 mod db;
