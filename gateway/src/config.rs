@@ -622,7 +622,8 @@ pub struct ComputedConfig {
     /// Only events of this type.
     #[serde(default)]
     pub event_type: Option<String>,
-    /// The property aggregated (`sum`, `first`, `last`, `unique`), e.g. `revenue`.
+    /// The property aggregated (`sum`, `first`, `last`, `unique`), e.g. `revenue`;
+    /// looked up in the event's properties, then its traits (identify calls).
     #[serde(default)]
     pub property: Option<String>,
     /// Only events within this window before now count (e.g. `7d`); absent = all time.

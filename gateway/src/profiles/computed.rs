@@ -139,10 +139,11 @@ impl Spec {
         if !self.live(bucket, now) {
             return false;
         }
+        // Properties first; identify and group calls carry their values as traits.
         let input = self
             .property
             .as_deref()
-            .and_then(|p| event.properties.get(p));
+            .and_then(|p| event.properties.get(p).or_else(|| event.traits.get(p)));
         self.expire(state, now);
         match state {
             State::Count(buckets) => {

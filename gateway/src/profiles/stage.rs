@@ -1,9 +1,17 @@
 //! The profile stage: the only writer of `profiles.redb`.
 //!
 //! It reads the inbox after its cursor in groups, resolves a whole group in one
-//! `Durability::Immediate` transaction together with the new cursor (so a crash at
-//! any moment neither loses nor double-counts an event), then publishes the resolved
-//! head. Erase requests are handled between groups, so no event of the user is being
+//! transaction together with the new cursor (so a crash at any moment neither loses
+//! nor double-counts an event), then publishes the resolved head.
+//!
+//! Durability is checkpointed: a group commits with `Durability::None` unless the last
+//! durable commit is older than [`CHECKPOINT_EVERY`]. A crash reverts the file to the
+//! last durable commit, cursor included, and the stage resolves those inbox records
+//! again — the same way, because resolution is a function of the records in order and
+//! the reverted state (profile ids come from the reverted counter). The inbox keeps
+//! them: the stage reports only its *durable* cursor to the store as done. This is what
+//! keeps random access over millions of profiles fast: one fsync of the touched pages
+//! per second instead of per group. Erase requests are handled between groups, so no event of the user is being
 //! resolved meanwhile. Redb work runs on blocking threads, never on the runtime.
 //!
 //! Hot profiles and identifier links are cached between groups ([`Cache`]), bounded;
@@ -90,19 +98,42 @@ impl<'t> Tables<'t> {
     }
 }
 
+/// Longest time resolved groups stay non-durable (see the module doc).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
 /// Resolves groups of inbox records into `profiles.redb`.
 #[derive(Debug)]
 pub struct Resolver {
     shared: Arc<Shared>,
     cache: Cache,
+    /// When the last durable commit happened.
+    last_durable: std::time::Instant,
+    /// The cursor as of the last durable commit: what a crash would revert to.
+    pub durable_through: u64,
 }
 
 impl Resolver {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, durable_through: u64) -> Self {
         Resolver {
             shared,
             cache: Cache::default(),
+            last_durable: std::time::Instant::now(),
+            durable_through,
         }
+    }
+
+    /// Makes every commit so far durable (an empty `Durability::Immediate` commit).
+    pub fn checkpoint(&mut self, through: u64) -> Result<(), StoreError> {
+        if self.durable_through >= through {
+            return Ok(());
+        }
+        let mut txn = self.shared.db.begin_write().st()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
+        txn.commit().st()?;
+        self.last_durable = std::time::Instant::now();
+        self.durable_through = through;
+        Ok(())
     }
 
     /// Forgets everything cached (after a failed commit or an erase).
@@ -137,9 +168,14 @@ impl Resolver {
         prune_through: u64,
         now: i64,
     ) -> Result<(), StoreError> {
+        let durable = self.last_durable.elapsed() >= CHECKPOINT_EVERY;
         let mut txn = self.shared.db.begin_write().st()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
         {
             let mut t = Tables::open(&txn)?;
             let mut g = Group {
@@ -159,7 +195,12 @@ impl Resolver {
             t.meta.insert(NEXT_PROFILE, g.next_profile).st()?;
             prune_enriched(&mut t.enriched, prune_through)?;
         }
-        txn.commit().st()
+        txn.commit().st()?;
+        if durable {
+            self.last_durable = std::time::Instant::now();
+            self.durable_through = through;
+        }
+        Ok(())
     }
 
     fn resolve_one(
@@ -169,7 +210,7 @@ impl Resolver {
         record: &InboxRecord,
         now: i64,
     ) -> Result<Enrichment, StoreError> {
-        let Resolver { shared, cache } = self;
+        let Resolver { shared, cache, .. } = self;
         let rules = &shared.rules;
         let mut idents: Vec<Ident<'_>> = Vec::with_capacity(6);
         rules.identifiers(&record.event, &mut idents);
@@ -561,7 +602,8 @@ pub async fn run(
     store.set_done(STAGE_NAME, cursor);
     shared.resolved.send_replace(cursor);
     let mut head_rx = store.head();
-    let mut resolver = Some(Resolver::new(Arc::clone(&shared)));
+    let mut resolver = Some(Resolver::new(Arc::clone(&shared), cursor));
+    let mut durable = cursor;
     backoff = BACKOFF_MIN;
     loop {
         if shutdown.is_cancelled() {
@@ -571,6 +613,28 @@ pub async fn run(
             handle_erase(&shared, &store, &mut resolver, req).await;
         }
         let head = *head_rx.borrow_and_update();
+        if head <= cursor && durable < cursor {
+            // Caught up: make what was resolved durable so the inbox can be pruned.
+            if let Some(mut r) = resolver.take() {
+                let through = cursor;
+                let joined = tokio::task::spawn_blocking(move || {
+                    let result = r.checkpoint(through);
+                    (r, result)
+                })
+                .await;
+                match joined {
+                    Ok((r, result)) => {
+                        if let Err(e) = result {
+                            warn!(error = %e, "Profile checkpoint failed; retrying with the next group.");
+                        }
+                        durable = r.durable_through;
+                        store.set_done(STAGE_NAME, durable);
+                        resolver = Some(r);
+                    }
+                    Err(e) => warn!(error = %e, "Profile checkpoint task failed."),
+                }
+            }
+        }
         if head <= cursor {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -587,7 +651,7 @@ pub async fn run(
         }
         let mut r = resolver
             .take()
-            .unwrap_or_else(|| Resolver::new(Arc::clone(&shared)));
+            .unwrap_or_else(|| Resolver::new(Arc::clone(&shared), durable));
         let st = Arc::clone(&store);
         let joined = tokio::task::spawn_blocking(move || {
             let result = step(&mut r, &st, cursor, head);
@@ -596,10 +660,12 @@ pub async fn run(
         .await;
         let failure = match joined {
             Ok((r, Ok(through))) => {
+                durable = r.durable_through;
                 resolver = Some(r);
                 cursor = through;
                 shared.resolved.send_replace(cursor);
-                store.set_done(STAGE_NAME, cursor);
+                // Only what a crash cannot revert may be pruned from the inbox.
+                store.set_done(STAGE_NAME, durable);
                 backoff = BACKOFF_MIN;
                 continue;
             }
