@@ -65,6 +65,12 @@ pub struct GatewayConfig {
     /// Server-side sources allowed to post events to the HTTP API.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// Audience definitions.
+    #[serde(default)]
+    pub audiences: Vec<AudienceConfig>,
+    /// Feeds: tools posting engagement events back (`POST /v1/feeds/{name}`).
+    #[serde(default)]
+    pub feeds: Vec<FeedConfig>,
 }
 
 /// `[gateway]`
@@ -78,6 +84,18 @@ pub struct GatewaySection {
     /// Memory redb may use for its page cache.
     #[serde(default = "default_cache")]
     pub cache_size: ByteSize,
+    /// Testing only: lets `POST /v1/clock` move the gateway's clock forward, so tests
+    /// can let time windows pass without sleeping. Never in production.
+    #[serde(default)]
+    pub test_clock: bool,
+    /// How often audiences whose conditions change with time alone are re-evaluated
+    /// over every profile.
+    #[serde(default = "default_sweep", deserialize_with = "duration")]
+    pub audience_sweep: Duration,
+}
+
+fn default_sweep() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -92,6 +110,8 @@ impl Default for GatewaySection {
         Self {
             data_dir: default_data_dir(),
             cache_size: default_cache(),
+            test_clock: false,
+            audience_sweep: default_sweep(),
         }
     }
 }
@@ -476,6 +496,57 @@ pub struct DestinationConfig {
     /// `postgres`: also upsert a snapshot of each event's profile.
     #[serde(default)]
     pub profile_snapshots: bool,
+
+    // ---- audience outputs ----
+    /// `audience_*` kinds: the audiences sent; empty = all.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// `audience_file`: `csv` or `ndjson` snapshots, one file per audience every
+    /// `schedule`.
+    #[serde(default)]
+    pub snapshot_format: SnapshotFormat,
+}
+
+/// Format of audience snapshot files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotFormat {
+    #[default]
+    Csv,
+    Ndjson,
+}
+
+/// One `[[audiences]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceConfig {
+    /// Unique name (letters, digits, `-`, `_`): what destinations and devices see.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The condition, a tree of inline tables (compiled and checked at start by
+    /// `crate::audience`; errors name the audience and the clause):
+    /// `{ all = [..] }`, `{ any = [..] }`, `{ not = {..} }`,
+    /// `{ attribute = "plan", op = "eq", value = "pro" }` (ops: eq, ne, gt, gte, lt,
+    /// lte, exists, contains, in; attributes and computed attributes),
+    /// `{ consent = "advertising" }`,
+    /// `{ did = "Push Sent", at_least = 1, within = "7d", before = "1h",
+    ///    where = [{ property = "campaign", op = "eq", value = "spring" }] }`
+    /// (`before`: the occurrence is at least that old).
+    pub when: toml::Value,
+}
+
+/// One `[[feeds]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Name in the URL (`/v1/feeds/<name>`) and the events' sender (`feed:<name>`).
+    pub name: String,
+    /// `Authorization: Bearer <token>` the tool must send.
+    pub token: String,
+    /// Destinations that are this tool: the feed's events never go back to them.
+    #[serde(default)]
+    pub destinations: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -519,6 +590,12 @@ pub enum DestinationKind {
     File,
     Webhook,
     Postgres,
+    /// Audience membership as batched add/remove calls to an HTTP API.
+    AudienceWebhook,
+    /// Full audience snapshots (CSV/NDJSON), one file per audience every `schedule`.
+    AudienceFile,
+    /// Audience membership as a PostgreSQL table kept equal to the live membership.
+    AudiencePostgres,
 }
 
 /// When a destination sends.
@@ -754,7 +831,11 @@ impl GatewayConfig {
             match d.kind {
                 DestinationKind::File => need("dir", d.dir.is_some())?,
                 DestinationKind::Webhook => need("url", d.url.is_some())?,
-                DestinationKind::Postgres => need("connection", d.connection.is_some())?,
+                DestinationKind::Postgres | DestinationKind::AudiencePostgres => {
+                    need("connection", d.connection.is_some())?
+                }
+                DestinationKind::AudienceWebhook => need("url", d.url.is_some())?,
+                DestinationKind::AudienceFile => need("dir", d.dir.is_some())?,
             }
             if let Some(url) = &d.url {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {

@@ -10,6 +10,7 @@
 //! - [`tls`]: TLS of the device endpoint: mutual-TLS configuration, device identity from
 //!   the client certificate, revoked device ids.
 
+pub mod audience;
 pub mod broker;
 pub mod config;
 pub mod dest;

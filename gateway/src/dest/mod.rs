@@ -227,6 +227,9 @@ pub fn spawn_all(
             DestinationKind::File => "file",
             DestinationKind::Webhook => "webhook",
             DestinationKind::Postgres => "postgres",
+            DestinationKind::AudienceWebhook => "audience_webhook",
+            DestinationKind::AudienceFile => "audience_file",
+            DestinationKind::AudiencePostgres => "audience_postgres",
         };
         entries.push(Entry {
             name: d.name.clone(),
@@ -261,6 +264,11 @@ pub fn spawn_all(
                         outbox::run_sink(d, sink, ctx, stats, token).await;
                     }
                 });
+            }
+            DestinationKind::AudienceWebhook
+            | DestinationKind::AudienceFile
+            | DestinationKind::AudiencePostgres => {
+                crate::audience::outputs::spawn(d, ctx, stats, tasks, token);
             }
         }
     }

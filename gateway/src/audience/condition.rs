@@ -1,0 +1,1 @@
+//! `[[audiences]] when` trees: compile, check, evaluate, explain.

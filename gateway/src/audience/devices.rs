@@ -1,0 +1,1 @@
+//! Membership changes → versioned `AudienceUpdate`s for the members' devices.
