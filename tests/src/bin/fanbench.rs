@@ -620,6 +620,8 @@ struct Site {
     readings: u64,
     stored: u64,
     profiles: Option<u64>,
+    /// `edge_gateway_inbox_events`: committed and not yet done by every consumer.
+    inbox: Option<u64>,
     /// Filtered, retried, dead-lettered events and the last error, per destination.
     trouble: BTreeMap<String, String>,
 }
@@ -679,6 +681,7 @@ impl Site {
             self.stored = value("edge_gateway_events_stored_total")
                 .ok_or_else(|| anyhow!("/metrics lacks edge_gateway_events_stored_total"))?;
             self.profiles = value("edge_gateway_profiles");
+            self.inbox = value("edge_gateway_inbox_events");
         }
         self.readings += 1;
         Ok(Reading {
@@ -785,6 +788,7 @@ struct Phase {
     hwm_kib: u64,
     rss_kib: u64,
     profiles_after: Option<u64>,
+    inbox_after: Option<u64>,
     rejected: u64,
 }
 
@@ -1092,6 +1096,7 @@ impl Run<'_> {
         self.site.readings = 0;
         self.site.read().await?;
         phase.profiles_after = self.site.profiles;
+        phase.inbox_after = self.site.inbox;
 
         let from = readings[steady_from];
         let to = *readings.last().unwrap_or(&from);
@@ -1145,6 +1150,7 @@ async fn phase_load(
         readings: 0,
         stored: 0,
         profiles: None,
+        inbox: None,
         trouble: BTreeMap::new(),
     };
     let mut run = Run {
@@ -1195,10 +1201,11 @@ impl Phase {
         );
         println!("    gateway threads: {}", self.cpu.threads);
         println!(
-            "    gateway RSS: peak {:.0} MiB, now {:.0} MiB; profiles: {}; events rejected by the gateway: {}",
+            "    gateway RSS: peak {:.0} MiB, now {:.0} MiB; profiles: {}; inbox: {} events; events rejected by the gateway: {}",
             mib(self.hwm_kib),
             mib(self.rss_kib),
             self.profiles_after.map_or("n/a".into(), |p| thousands(p as f64)),
+            self.inbox_after.map_or("n/a".into(), |p| thousands(p as f64)),
             self.rejected
         );
     }
