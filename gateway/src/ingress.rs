@@ -82,8 +82,10 @@ pub async fn commit_batch(
     sender: &DeviceId,
     batch: UplinkBatch,
 ) -> Result<Vec<u8>, IngressError> {
-    let receipt = store.receive(sender.clone(), batch, now_ms()).await?;
-    let committed_ms = now_ms();
+    let receipt = store
+        .receive(sender.clone(), batch, crate::clock::now_ms())
+        .await?;
+    let committed_ms = crate::clock::now_ms();
     metrics.event_latency.observe_ms(
         receipt
             .accepted_ms

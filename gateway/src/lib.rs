@@ -12,6 +12,7 @@
 
 pub mod audience;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod dest;
 pub mod downlink;

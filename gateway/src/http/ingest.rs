@@ -6,9 +6,10 @@
 //! credentials, parses and stamps; it keeps no state of its own (no consent book, no
 //! sessions: a server-side sender states what it knows on each request).
 
+use crate::clock::now_ms;
 use bytes::Bytes;
 use edge_agent::ingest::{mparticle, segment, Incoming};
-use edge_agent::model::{now_ms, ConsentSnapshot, DeviceId, Event};
+use edge_agent::model::{ConsentSnapshot, DeviceId, Event};
 use hyper::header::HeaderMap;
 use hyper::StatusCode;
 

@@ -27,7 +27,8 @@ mod tests;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use edge_agent::model::{now_ms, DeviceId, Value};
+use crate::clock::now_ms;
+use edge_agent::model::{DeviceId, Value};
 use redb::{Database, ReadableDatabase};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};

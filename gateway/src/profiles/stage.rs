@@ -22,7 +22,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edge_agent::model::{now_ms, DeviceId};
+use crate::clock::now_ms;
+use edge_agent::model::DeviceId;
 use redb::{
     Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction,
 };
