@@ -302,4 +302,74 @@ impl Profiles {
     pub fn bulk_seed(&self, n: u64) -> Result<(), StoreError> {
         stage::bulk_seed(&self.shared, n)
     }
+
+    // ---- audiences (issue 5): membership lives here, next to the profiles ----
+
+    /// Watches the newest committed position of the membership change log.
+    pub fn changes_head(&self) -> watch::Receiver<u64> {
+        todo!("audiences: changes_head")
+    }
+
+    /// Up to `max` membership changes after log position `after`, in order.
+    pub fn read_changes(
+        &self,
+        _after: u64,
+        _max: usize,
+    ) -> Result<Vec<crate::audience::MembershipChange>, StoreError> {
+        todo!("audiences: read_changes")
+    }
+
+    /// Records that consumer `name` (an audience destination, or
+    /// [`crate::audience::devices::CONSUMER`]) no longer needs changes at or below
+    /// `through`; the log is pruned below every consumer's mark.
+    pub fn set_changes_done(&self, _name: &str, _through: u64) {
+        todo!("audiences: set_changes_done")
+    }
+
+    /// Members of `audience` with profile id above `after_profile`, at most `max`, in
+    /// profile id order. `None`: no such audience.
+    pub fn members(
+        &self,
+        _audience: &str,
+        _after_profile: u64,
+        _max: usize,
+    ) -> Result<Option<Vec<crate::audience::Member>>, StoreError> {
+        todo!("audiences: members")
+    }
+
+    /// Every configured audience with its current size, in config order.
+    pub fn audience_sizes(&self) -> Result<Vec<crate::audience::AudienceSize>, StoreError> {
+        todo!("audiences: audience_sizes")
+    }
+
+    /// The audiences profile `profile_id` is in now.
+    pub fn audiences_of(&self, _profile_id: u64) -> Result<Vec<String>, StoreError> {
+        todo!("audiences: audiences_of")
+    }
+
+    /// Why the profile holding `(id_type, value)` is or is not in `audience`: the
+    /// condition tree with each clause's outcome. `Ok(None)`: no such profile or
+    /// audience.
+    pub fn explain(
+        &self,
+        _audience: &str,
+        _id_type: &str,
+        _value: &str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        todo!("audiences: explain")
+    }
+
+    /// Re-evaluates every profile against the audiences whose conditions change with
+    /// time alone, now (also run every `gateway.audience_sweep` by the stage).
+    pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
+        todo!("audiences: sweep")
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct SweepReport {
+    pub profiles: u64,
+    pub changes: u64,
+    pub elapsed_ms: u64,
 }
