@@ -505,6 +505,11 @@ pub struct DestinationConfig {
     /// `schedule`.
     #[serde(default)]
     pub snapshot_format: SnapshotFormat,
+
+    /// Not a key: senders whose events never go here (`feed:<name>` of every feed that
+    /// lists this destination as its tool), filled in by [`GatewayConfig::parse`].
+    #[serde(skip)]
+    pub exclude_senders: Vec<String>,
 }
 
 /// Format of audience snapshot files.
@@ -761,7 +766,18 @@ impl GatewayConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        let mut config = config;
         config.validate(path)?;
+        // A feed's events never go back to the tool they came from.
+        for feed in &config.feeds {
+            for d in config
+                .destinations
+                .iter_mut()
+                .filter(|d| feed.destinations.contains(&d.name))
+            {
+                d.exclude_senders.push(format!("feed:{}", feed.name));
+            }
+        }
         Ok(config)
     }
 
@@ -895,6 +911,32 @@ impl GatewayConfig {
                 return Err(bad(
                     "computed.window",
                     format!("computed `{}`: must be above zero", c.name),
+                ));
+            }
+        }
+        let mut feeds = std::collections::HashSet::new();
+        for f in &self.feeds {
+            let ok = !f.name.is_empty()
+                && f.name.len() <= 64
+                && f.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok || !feeds.insert(f.name.as_str()) {
+                return Err(bad(
+                    "feeds.name",
+                    format!("`{}`: use letters, digits, `-`, `_`, once", f.name),
+                ));
+            }
+            if f.token.len() < 8 {
+                return Err(bad(
+                    "feeds.token",
+                    format!("feed `{}`: use a token of at least 8 characters", f.name),
+                ));
+            }
+            if let Some(missing) = f.destinations.iter().find(|d| !names.contains(d.as_str())) {
+                return Err(bad(
+                    "feeds.destinations",
+                    format!("feed `{}`: no destination named `{missing}`", f.name),
                 ));
             }
         }

@@ -251,6 +251,8 @@ pub async fn run(
         config: config.http.clone(),
         sources: config.sources.clone(),
         counters: http::HttpCounters::default(),
+        feeds: config.feeds.clone(),
+        test_clock: config.gateway.test_clock,
     });
     tasks.spawn(admin.serve(http, shutdown.clone()));
 

@@ -15,6 +15,29 @@ const MAX_DEAD_LETTERS: usize = 1_000;
 
 impl Admin {
     /// `GET /v1/devices/{id}`
+    /// `POST /v1/clock?advance=<duration>` (only with `gateway.test_clock`): moves the
+    /// gateway's clock forward, so tests let time windows pass without sleeping.
+    pub(super) fn advance_clock(&self, query: &str) -> Result<Reply, ApiError> {
+        if !self.test_clock {
+            return Err(ApiError::not_found(
+                "the clock can be moved only with `gateway.test_clock = true`",
+            ));
+        }
+        let text = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("advance="))
+            .ok_or_else(|| ApiError::bad_request("needs `?advance=<duration>`, e.g. 2h"))?;
+        let text = percent_decode(text).unwrap_or_default();
+        let by = humantime::parse_duration(&text)
+            .map_err(|e| ApiError::bad_request(format!("advance: `{text}`: {e}")))?;
+        let offset = crate::clock::advance(i64::try_from(by.as_millis()).unwrap_or(i64::MAX));
+        tracing::warn!(offset_ms = offset, "Test clock moved forward.");
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "offset_ms": offset, "now_ms": crate::clock::now_ms() }),
+        ))
+    }
+
     pub(super) fn device(&self, id: &str) -> Result<Reply, ApiError> {
         let rec = self
             .store

@@ -81,18 +81,88 @@ impl Admin {
         ))
     }
 
+    /// `POST /v1/feeds/{name}`: Segment-format events from a tool (one call, or
+    /// `{"batch": [...]}`), `Authorization: Bearer <feed token>`. They take the same
+    /// path as any event (identity, profile, audiences) and go to every destination
+    /// except the tool's own (`feeds.destinations`).
+    pub(super) async fn feed(
+        &self,
+        name: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Reply, ApiError> {
+        let Some(feed) = self.feeds.iter().find(|f| f.name == name) else {
+            return Err(ApiError::not_found(format!("no feed named `{name}`")));
+        };
+        let token = headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !token.is_some_and(|t| super::auth::same_secret(t, &feed.token)) {
+            return Err(ApiError::unauthorized(format!(
+                "feed `{name}` needs `Authorization: Bearer <its token>`"
+            )));
+        }
+        let call = feed_call(&body)?;
+        let max_body = self.config.max_body.0;
+        let limits = segment::Limits {
+            max_event: SEGMENT_MAX_EVENT.min(max_body),
+            max_batch: max_body,
+        };
+        let now = now_ms();
+        let parsed = segment::parse(&call, &body, limits, now)?;
+        let sender = DeviceId(format!("feed:{}", feed.name));
+        self.store_from(sender, parsed.events, now).await?;
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "success": true }),
+        ))
+    }
+
     async fn store_events(
         &self,
         source: &SourceConfig,
         incoming: Vec<Incoming>,
         now: i64,
     ) -> Result<(), ApiError> {
-        let sender = sender(source);
+        self.store_from(sender(source), incoming, now).await
+    }
+
+    async fn store_from(
+        &self,
+        sender: DeviceId,
+        incoming: Vec<Incoming>,
+        now: i64,
+    ) -> Result<(), ApiError> {
         let events: Vec<Event> = incoming.into_iter().map(|i| stamp(i, &sender)).collect();
         let receipt = self.store.ingest(sender, events, now).await?;
         self.counters
             .record_ingest(receipt.stored, receipt.duplicates);
         Ok(())
+    }
+}
+
+/// The Segment call a feed body is: `batch` when it has a `batch` array, else its
+/// `type`.
+fn feed_call(body: &[u8]) -> Result<String, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        batch: Option<serde::de::IgnoredAny>,
+    }
+    let peek: Peek = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body is not a JSON object: {e}")))?;
+    match (peek.batch, peek.kind) {
+        (Some(_), _) => Ok("batch".into()),
+        (None, Some(kind)) if segment::CALLS.contains(&kind.as_str()) => Ok(kind),
+        (None, Some(kind)) => Err(ApiError::bad_request(format!(
+            "type: `{kind}` is not one of {}",
+            segment::CALLS.join(", ")
+        ))),
+        (None, None) => Err(ApiError::bad_request(
+            "body needs a `type` or a `batch` array".to_owned(),
+        )),
     }
 }
 

@@ -64,6 +64,10 @@ pub struct Admin {
     pub config: crate::config::HttpConfig,
     pub sources: Vec<crate::config::SourceConfig>,
     pub counters: HttpCounters,
+    /// Tools posting engagement back (`POST /v1/feeds/{name}`).
+    pub feeds: Vec<crate::config::FeedConfig>,
+    /// `gateway.test_clock`: `POST /v1/clock` may move the clock forward.
+    pub test_clock: bool,
 }
 
 /// A routed request, before its body is read.
@@ -79,13 +83,19 @@ enum Route<'a> {
     Destinations,
     DeadLetters(String),
     Replay(String),
+    Feed(String),
+    Clock,
 }
 
 impl Route<'_> {
     fn is_admin(&self) -> bool {
         !matches!(
             self,
-            Route::Health | Route::Metrics | Route::Segment(_) | Route::Mparticle { .. }
+            Route::Health
+                | Route::Metrics
+                | Route::Segment(_)
+                | Route::Mparticle { .. }
+                | Route::Feed(_)
         )
     }
 }
@@ -133,6 +143,10 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<Route<'p>, ApiError> {
         ["v1", "destinations", name, "dead-letters"] if get => Route::DeadLetters(segment(name)?),
         ["v1", "destinations", name, "replay"] if post => Route::Replay(segment(name)?),
         ["v1", "destinations", _, "dead-letters" | "replay"] => return Err(not_allowed()),
+        ["v1", "feeds", name] if post => Route::Feed(segment(name)?),
+        ["v1", "feeds", _] => return Err(not_allowed()),
+        ["v1", "clock"] if post => Route::Clock,
+        ["v1", "clock"] => return Err(not_allowed()),
         _ => return Err(ApiError::not_found(format!("no endpoint at {path}"))),
     };
     Ok(found)
@@ -163,7 +177,10 @@ impl Admin {
         if route.is_admin() {
             auth::admin(self.config.admin_token.as_deref(), req.headers(), peer)?;
         }
-        let ingest = matches!(route, Route::Segment(_) | Route::Mparticle { .. });
+        let ingest = matches!(
+            route,
+            Route::Segment(_) | Route::Mparticle { .. } | Route::Feed(_)
+        );
         if stopping && ingest {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -195,6 +212,8 @@ impl Admin {
             Route::Destinations => Ok(self.destinations()),
             Route::DeadLetters(name) => self.dead_letters(&name, &query),
             Route::Replay(name) => self.replay(&name).await,
+            Route::Feed(name) => self.feed(&name, &parts.headers, body).await,
+            Route::Clock => self.advance_clock(&query),
         }
     }
 
@@ -307,6 +326,10 @@ mod tests {
     #[test]
     fn ingest_and_admin_paths_route_and_wrong_methods_are_405() {
         assert!(ok(Method::POST, "/v1/track"));
+        assert!(ok(Method::POST, "/v1/feeds/push"));
+        assert!(route(&Method::POST, "/v1/feeds/push").is_ok_and(|r| !r.is_admin()));
+        assert!(route(&Method::POST, "/v1/clock").is_ok_and(|r| r.is_admin()));
+        assert_eq!(status(Method::GET, "/v1/feeds/push"), 405);
         assert!(ok(Method::POST, "/v1/batch/"));
         assert!(ok(Method::POST, "/v2/bulkevents"));
         assert_eq!(status(Method::GET, "/v1/track"), 405);
