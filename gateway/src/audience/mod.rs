@@ -1,6 +1,7 @@
 //! Audiences: who belongs, kept current as events arrive and time passes, and sent
 //! to audience destinations and down to the members' devices.
 //!
+//! - [`engine`]: the consumer of the resolved log that keeps membership and its change log.
 //! - [`condition`]: the `when` tree of `[[audiences]]` compiled and checked at start
 //!   (errors name the audience and the clause), evaluated against a profile at a time,
 //!   and explained (which clause failed). Pure.
@@ -15,6 +16,7 @@
 //!   durable downlink queue.
 
 pub mod condition;
+pub mod engine;
 pub mod devices;
 pub mod outputs;
 
