@@ -467,10 +467,14 @@ impl BrokerConsumer {
                 .await
                 .map(|frame| (TopicKind::Ack, frame)),
             TopicKind::Hello => {
-                match ingress::handle_hello(&self.store, &self.metrics, &device, &payload) {
-                    Ok(frame) => {
+                match ingress::verify_hello(&self.store, &self.metrics, &device, &payload) {
+                    Ok(hello) => {
+                        let version = self
+                            .downlinks
+                            .on_hello(&device, hello.audiences_version)
+                            .await;
                         self.send_queued(&client, &awaiting, &device, &payload);
-                        Ok((TopicKind::Down, frame))
+                        ingress::hello_reply(version).map(|frame| (TopicKind::Down, frame))
                     }
                     Err(e) => Err(e),
                 }

@@ -49,6 +49,8 @@ pub const MAX_IN_FLIGHT: usize = 64;
 pub struct Downlinks {
     pub store: Arc<Store>,
     pub sessions: Arc<Sessions>,
+    /// The audience side, set once it runs: re-syncs devices behind on audiences.
+    pub audiences: std::sync::OnceLock<Arc<crate::audience::devices::DeviceAudiences>>,
 }
 
 /// What one queue write did.
@@ -67,12 +69,18 @@ impl Downlinks {
         let frame = wire::encode_downlink(&message, Compression::None).map_err(|e| {
             StoreError::Storage(format!("cannot encode a downlink for `{device}`: {e}"))
         })?;
+        // A newer membership of a user replaces one still waiting: the device needs only
+        // the latest full set, and a flapping member must not fill the queue.
+        let supersedes = match &message {
+            Downlink::Audiences(update) => Some(update.user_id.clone()),
+            _ => None,
+        };
         let id = device.0.clone();
         // A full queue is an answer, not a failed write: an error here would fail every
         // other write sharing the group commit.
         let outcome = self
             .store
-            .apply(move |txn| queue_in(txn, &id, &frame))
+            .apply(move |txn| queue_in(txn, &id, &frame, supersedes.as_deref()))
             .await?;
         match outcome {
             QueueWrite::Full => Err(StoreError::Storage(format!(
@@ -83,6 +91,22 @@ impl Downlinks {
                     debug!(device = %device, "Downlink queued; sending to the connected device.");
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// A hello from `device` stating the audience version it has: queues what it
+    /// misses (see [`crate::audience::devices`]) and returns the version for the hello
+    /// reply. Failures are logged: the hello is still answered.
+    pub async fn on_hello(&self, device: &DeviceId, agent_version: u64) -> u64 {
+        let Some(audiences) = self.audiences.get() else {
+            return agent_version;
+        };
+        match audiences.on_hello(device, agent_version).await {
+            Ok(version) => version,
+            Err(e) => {
+                tracing::warn!(device = %device, error = %e, "Audience re-sync at hello failed.");
+                agent_version
             }
         }
     }
@@ -142,15 +166,34 @@ impl Downlinks {
     }
 }
 
-fn queue_in(txn: &WriteTransaction, device: &str, frame: &[u8]) -> Result<QueueWrite, StoreError> {
+fn queue_in(
+    txn: &WriteTransaction,
+    device: &str,
+    frame: &[u8],
+    supersedes: Option<&str>,
+) -> Result<QueueWrite, StoreError> {
     let mut t = txn.open_table(DOWNLINKS).st()?;
     let mut count = 0;
+    let mut superseded = Vec::new();
     for row in t.range((device, 0)..=(device, u64::MAX)).st()? {
-        let (_, v) = row.st()?;
+        let (k, v) = row.st()?;
         if v.value() == frame {
             return Ok(QueueWrite::AlreadyThere);
         }
-        count += 1;
+        let replaced = supersedes.is_some_and(|user| {
+            matches!(
+                wire::decode_downlink(v.value(), wire::DEFAULT_MAX_FRAME),
+                Ok(Downlink::Audiences(old)) if old.user_id == user
+            )
+        });
+        if replaced {
+            superseded.push(k.value().1);
+        } else {
+            count += 1;
+        }
+    }
+    for id in superseded {
+        t.remove((device, id)).st()?;
     }
     if count >= MAX_QUEUED_PER_DEVICE {
         return Ok(QueueWrite::Full);
@@ -221,6 +264,7 @@ mod tests {
     fn open(dir: &tempfile::TempDir) -> Downlinks {
         Downlinks {
             store: Arc::new(Store::open(&dir.path().join("g.redb"), 1 << 20, &[]).unwrap()),
+            audiences: std::sync::OnceLock::new(),
             sessions: Arc::new(Sessions::default()),
         }
     }

@@ -121,24 +121,39 @@ pub async fn handle_batch(
 }
 
 /// Answers a hello from `sender`: the [`Downlink::HelloReply`] frame for its down
-/// topic. Nothing is stored.
+/// topic, echoing the agent's audience version. Nothing is stored.
 pub fn handle_hello(
     store: &Store,
     metrics: &EndpointMetrics,
     sender: &DeviceId,
     payload: &[u8],
 ) -> Result<Vec<u8>, IngressError> {
-    let hello = match wire::decode_hello(payload, wire::DEFAULT_MAX_FRAME) {
-        Ok(h) if h.device == *sender => h,
+    let hello = verify_hello(store, metrics, sender, payload)?;
+    hello_reply(hello.audiences_version)
+}
+
+/// Decodes a hello from `sender` and checks it names `sender`; refusals are counted.
+pub fn verify_hello(
+    store: &Store,
+    metrics: &EndpointMetrics,
+    sender: &DeviceId,
+    payload: &[u8],
+) -> Result<wire::Hello, IngressError> {
+    match wire::decode_hello(payload, wire::DEFAULT_MAX_FRAME) {
+        Ok(h) if h.device == *sender => Ok(h),
         Ok(h) => {
             let reason = format!("the hello names device `{}`", h.device);
-            return Err(reject(store, metrics, sender, reason).into());
+            Err(reject(store, metrics, sender, reason).into())
         }
-        Err(e) => return Err(reject(store, metrics, sender, e.to_string()).into()),
-    };
+        Err(e) => Err(reject(store, metrics, sender, e.to_string()).into()),
+    }
+}
+
+/// The hello reply: gateway time and the newest audience version for the device.
+pub fn hello_reply(audiences_version: u64) -> Result<Vec<u8>, IngressError> {
     let reply = Downlink::HelloReply {
         gateway_time_ms: now_ms(),
-        audiences_version: hello.audiences_version,
+        audiences_version,
     };
     Ok(wire::encode_downlink(&reply, Compression::None)?)
 }

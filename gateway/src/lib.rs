@@ -178,6 +178,7 @@ pub async fn run(
     );
     let downlinks = Arc::new(downlink::Downlinks {
         store: Arc::clone(&store),
+        audiences: std::sync::OnceLock::new(),
         sessions: Arc::clone(&sessions),
     });
 

@@ -410,12 +410,19 @@ impl Session<'_> {
         topics: &edge_agent::wire::DeviceTopics,
         payload: &[u8],
     ) -> Result<(), ConnError> {
-        let frame =
-            match ingress::handle_hello(&self.ep.store, &self.ep.metrics, &self.device, payload) {
-                Ok(frame) => frame,
+        let hello =
+            match ingress::verify_hello(&self.ep.store, &self.ep.metrics, &self.device, payload) {
+                Ok(hello) => hello,
                 Err(IngressError::Rejected(_)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
+        // An agent behind on audiences gets its users' sets queued again first.
+        let version = self
+            .ep
+            .downlinks
+            .on_hello(&self.device, hello.audiences_version)
+            .await;
+        let frame = ingress::hello_reply(version)?;
         // A hello starts the device afresh: everything still queued goes again, then
         // the reply, which tells the agent it has had them.
         self.greeted = true;
