@@ -60,6 +60,15 @@ impl Enricher {
         &self.own_device
     }
 
+    /// What is remembered about `device` (in fleet mode; otherwise, or for `None`,
+    /// about this agent's own device).
+    pub fn state_of(&self, device: Option<&str>) -> Option<&DeviceState> {
+        match device {
+            Some(d) if self.fleet => self.devices.get(&DeviceId(d.to_owned())),
+            _ => self.devices.get(&self.own_device),
+        }
+    }
+
     /// Fills in identities, session and context on `incoming.event`.
     pub fn enrich(&mut self, incoming: &mut Incoming, now_ms: i64) {
         let device = match &incoming.device_hint {

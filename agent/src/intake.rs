@@ -35,8 +35,17 @@ pub struct Purged {
     pub events: u64,
     /// Whether a consent record was forgotten.
     pub consent: bool,
+    /// Whether audience membership was forgotten.
+    pub audiences: bool,
     /// Devices that remembered the user and start over with a new anonymous id.
     pub devices: usize,
+}
+
+/// The identity a device currently acts under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CurrentIdentity {
+    User(String),
+    Anonymous(String),
 }
 
 #[derive(Debug)]
@@ -146,12 +155,26 @@ impl Intake {
                 devices,
             )
         };
-        let events = receiver.await.map_err(|_| SpoolError::Closed)??;
+        let purge = receiver.await.map_err(|_| SpoolError::Closed)??;
         Ok(Purged {
-            events,
+            events: purge.events,
             consent,
+            audiences: purge.audiences,
             devices,
         })
+    }
+
+    /// Who uses `device` now (this agent's own device when `None` or outside fleet
+    /// mode): the user id it remembers, else its anonymous id; `None` when the device
+    /// has not sent an event yet (or its user was erased and nothing came since).
+    pub async fn current_identity(&self, device: Option<&str>) -> Option<CurrentIdentity> {
+        let st = self.state.lock().await;
+        let state = st.enricher.state_of(device)?;
+        match (&state.user_id, &state.anonymous_id) {
+            (Some(user), _) => Some(CurrentIdentity::User(user.clone())),
+            (None, Some(anonymous)) => Some(CurrentIdentity::Anonymous(anonymous.clone())),
+            (None, None) => None,
+        }
     }
 
     /// Applies consent decided upstream for `subject` through the same book and commit
@@ -328,6 +351,136 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(queued(&agent).pop().unwrap().0, None);
+        agent.spool().close().await;
+    }
+
+    fn audiences(version: u64, user: &str, names: &[&str]) -> crate::wire::AudienceUpdate {
+        crate::wire::AudienceUpdate {
+            version,
+            user_id: user.into(),
+            audiences: names.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn audience_updates_are_durable_idempotent_and_erased_with_the_user() {
+        use crate::audiences::{Applied, AudienceApplyError, AudienceError};
+        let dir = tempfile::tempdir().unwrap();
+        let agent = open(dir.path());
+        let spool = agent.spool();
+        assert_eq!(
+            spool
+                .apply_audiences(audiences(3, "u-erase", &["b", "a"]), 10)
+                .await,
+            Ok(Applied::Replaced { evicted: 0 })
+        );
+        assert_eq!(
+            spool
+                .apply_audiences(audiences(3, "u-erase", &["x"]), 11)
+                .await,
+            Ok(Applied::Stale { held: 3 }),
+            "a resend of the same version"
+        );
+        spool
+            .apply_audiences(audiences(5, "u-keep", &["c"]), 12)
+            .await
+            .unwrap();
+        let too_many: Vec<String> = (0..=crate::audiences::MAX_AUDIENCES_PER_USER)
+            .map(|i| format!("a{i}"))
+            .collect();
+        let refused = crate::wire::AudienceUpdate {
+            version: 9,
+            user_id: "u-keep".into(),
+            audiences: too_many,
+        };
+        assert!(matches!(
+            spool.apply_audiences(refused, 13).await,
+            Err(AudienceApplyError::Refused(AudienceError::TooMany { .. }))
+        ));
+        let held = spool.audiences("u-erase").unwrap().unwrap();
+        assert_eq!(
+            (held.version, held.audiences.clone()),
+            (3, vec!["a".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(held.updated_ms, 10);
+        let summary = spool.audience_summary();
+        assert_eq!(
+            (summary.users, summary.version),
+            (2, 5),
+            "the refused v9 changed nothing"
+        );
+
+        let purged = agent.intake.purge_user("u-erase").await.unwrap();
+        assert!(purged.audiences);
+        assert_eq!(spool.audiences("u-erase").unwrap(), None);
+        assert!(!agent.intake.purge_user("u-erase").await.unwrap().audiences);
+        spool.close().await;
+        drop(agent);
+
+        // A crash-free reopen reads it all back from the file.
+        let agent = open(dir.path());
+        let summary = agent.spool().audience_summary();
+        assert_eq!(
+            (summary.users, summary.version),
+            (1, 5),
+            "erasure keeps the version"
+        );
+        assert_eq!(agent.spool().audiences("u-erase").unwrap(), None);
+        assert_eq!(
+            agent
+                .spool()
+                .audiences("u-keep")
+                .unwrap()
+                .unwrap()
+                .audiences,
+            ["c"]
+        );
+        agent.spool().close().await;
+    }
+
+    #[tokio::test]
+    async fn an_applied_update_survives_a_drop_without_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = open(dir.path());
+        agent
+            .spool()
+            .apply_audiences(audiences(1, "u1", &["a"]), 1)
+            .await
+            .unwrap();
+        // No close: as far as the file knows, the process died after the commit.
+        drop(agent);
+        let agent = open(dir.path());
+        assert_eq!(
+            agent.spool().audiences("u1").unwrap().unwrap().audiences,
+            ["a"]
+        );
+        assert_eq!(agent.spool().audience_summary().version, 1);
+    }
+
+    #[tokio::test]
+    async fn the_current_identity_is_the_remembered_user_else_the_anonymous_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = open(dir.path());
+        assert_eq!(agent.intake.current_identity(None).await, None);
+        agent
+            .submit(vec![track(None, Some("anon-1"), "a")])
+            .await
+            .unwrap();
+        assert_eq!(
+            agent.intake.current_identity(None).await,
+            Some(CurrentIdentity::Anonymous("anon-1".into()))
+        );
+        agent
+            .submit(vec![track(Some("u1"), None, "b")])
+            .await
+            .unwrap();
+        assert_eq!(
+            agent
+                .intake
+                .current_identity(Some("ignored-outside-fleet-mode"))
+                .await,
+            Some(CurrentIdentity::User("u1".into()))
+        );
         agent.spool().close().await;
     }
 

@@ -5,6 +5,7 @@
 //! Embedding: [`Agent::open`] then [`Agent::submit`] / [`Agent::track`], or
 //! [`Agent::serve`] for the HTTP API; [`run`] does both for the binary.
 
+pub mod audiences;
 pub mod commands;
 pub mod config;
 pub mod consent;

@@ -50,6 +50,8 @@ pub struct Status {
     pub totals: Totals,
     /// What the gateway's erasure requests removed here.
     pub erasure: ErasureReport,
+    /// Audience membership held for offline answers.
+    pub audiences: AudienceReport,
     /// Fleet mode: events accepted per device.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceReport>,
@@ -81,6 +83,14 @@ pub struct ErasureReport {
     pub purged_users: u64,
     /// Queued events they removed (not in `totals.dropped`: the gateway asked).
     pub events_erased: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AudienceReport {
+    /// Users with membership stored.
+    pub users: u64,
+    /// Newest audience version applied (sent in the hello); 0 for none.
+    pub version: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,6 +146,13 @@ pub fn status(spool: &Spool, device_id: String, fleet: bool) -> Status {
                 events_erased: e.events,
             }
         },
+        audiences: {
+            let a = spool.audience_summary();
+            AudienceReport {
+                users: a.users,
+                version: a.version,
+            }
+        },
         lanes,
         devices,
         uplink: None,
@@ -173,6 +190,17 @@ pub fn metrics(spool: &Spool, http: &HttpCounters) -> String {
         out,
         "# HELP edge_agent_events_erased_total Queued events removed by erasure requests.\n# TYPE edge_agent_events_erased_total counter\nedge_agent_events_erased_total {}",
         erasures.events
+    );
+    let audiences = spool.audience_summary();
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_audience_users Users whose audience membership is stored.\n# TYPE edge_agent_audience_users gauge\nedge_agent_audience_users {}",
+        audiences.users
+    );
+    let _ = writeln!(
+        out,
+        "# HELP edge_agent_audiences_version Newest audience version applied.\n# TYPE edge_agent_audiences_version gauge\nedge_agent_audiences_version {}",
+        audiences.version
     );
     let _ = writeln!(
         out,

@@ -3,6 +3,7 @@
 //! Request handling lives in [`routes`]; this module only owns sockets and tasks.
 
 mod auth;
+mod query;
 mod reply;
 mod routes;
 

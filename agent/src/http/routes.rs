@@ -12,11 +12,12 @@ use hyper::{Method, Request, StatusCode};
 use serde::Deserialize;
 
 use super::auth::{basic, same_secret};
+use super::query;
 use super::reply::{json, with_type, ApiError, Reply};
 use crate::config::AgentConfig;
 use crate::consent::ConsentUpdate;
-use crate::ingest::{mparticle, segment, Incoming};
-use crate::intake::Intake;
+use crate::ingest::{format_timestamp, mparticle, segment, Incoming};
+use crate::intake::{CurrentIdentity, Intake};
 use crate::model::{now_ms, Event, EventKind, Source};
 use crate::status::{metrics, status, HttpCounters};
 
@@ -102,6 +103,7 @@ impl Api {
                 Bytes::from(metrics(self.intake.spool(), &self.counters)),
             )),
             (&Method::GET, "/health") => Ok(json(StatusCode::OK, &serde_json::json!({"ok": true}))),
+            (&Method::GET, "/v1/audiences") => self.audiences(&req).await,
             _ if stopping => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
@@ -115,6 +117,8 @@ impl Api {
                 let call = &p["/v1/".len()..];
                 if call == "batch" || segment::CALLS.contains(&call) {
                     self.segment(call, req).await
+                } else if matches!(p, "/v1/status" | "/v1/audiences") {
+                    Err(method_not_allowed(&method, p))
                 } else {
                     Err(not_found(p))
                 }
@@ -122,12 +126,8 @@ impl Api {
             (
                 _,
                 "/v1/status" | "/metrics" | "/health" | "/v2/events" | "/v2/bulkevents"
-                | "/v1/consent",
-            ) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on {path}"),
-            )),
+                | "/v1/consent" | "/v1/audiences",
+            ) => Err(method_not_allowed(&method, &path)),
             (_, p) => Err(not_found(p)),
         }
     }
@@ -226,6 +226,57 @@ impl Api {
         ))
     }
 
+    /// `GET /v1/audiences[?userId=…|anonymousId=…][&deviceId=…]`: the membership
+    /// the spool file holds, so it answers offline. Without an id, the device's
+    /// current user (else its anonymous id); `deviceId` picks the device in fleet mode.
+    ///
+    /// Membership is personal data, unlike the aggregate `/v1/status`: it takes the
+    /// write key (Basic user) whenever write keys are configured, as `PUT /v1/consent`.
+    async fn audiences(&self, req: &Request<Body>) -> Result<Reply, ApiError> {
+        let header_key = basic(req.headers()).map(|(user, _)| user);
+        self.check_write_key(header_key.as_deref())?;
+        let bad =
+            |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message);
+        let pairs =
+            query::parse(req.uri().query().unwrap_or("")).map_err(|e| bad(e.to_string()))?;
+        let get = |name| query::single(&pairs, name).map_err(|e| bad(e.to_string()));
+        let (user, anonymous, device) = (get("userId")?, get("anonymousId")?, get("deviceId")?);
+        let who = match (user, anonymous) {
+            (Some(_), Some(_)) => {
+                return Err(bad("give one of userId or anonymousId, not both".into()))
+            }
+            (Some(u), None) => CurrentIdentity::User(u.to_owned()),
+            (None, Some(a)) => CurrentIdentity::Anonymous(a.to_owned()),
+            (None, None) => self.intake.current_identity(device).await.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "no_current_user",
+                    "the device has no current user or anonymous id yet; pass userId or anonymousId",
+                )
+            })?,
+        };
+        let (key, id) = match &who {
+            CurrentIdentity::User(id) => ("userId", id),
+            CurrentIdentity::Anonymous(id) => ("anonymousId", id),
+        };
+        if id.is_empty() {
+            return Err(bad(format!("{key} is empty")));
+        }
+        let record = self.intake.spool().audiences(id)?;
+        let mut body = serde_json::Map::new();
+        body.insert(key.into(), id.as_str().into());
+        let (audiences, version, updated_at) = match record {
+            Some(r) => (r.audiences, r.version, Some(format_timestamp(r.updated_ms))),
+            // Unknown here: the device holds no membership for them, which is an
+            // answer, not an error.
+            None => (Vec::new(), 0, None),
+        };
+        body.insert("audiences".into(), audiences.into());
+        body.insert("version".into(), version.into());
+        body.insert("updatedAt".into(), updated_at.into());
+        Ok(json(StatusCode::OK, &body))
+    }
+
     fn check_write_key(&self, key: Option<&str>) -> Result<(), ApiError> {
         let keys = &self.config.segment.write_keys;
         if keys.is_empty() {
@@ -304,6 +355,14 @@ fn not_found(path: &str) -> ApiError {
         StatusCode::NOT_FOUND,
         "not_found",
         format!("no endpoint at {path}"),
+    )
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}"),
     )
 }
 

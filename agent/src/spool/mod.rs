@@ -5,6 +5,7 @@
 //! read transactions on any thread. Dropping a [`Spool`] without [`Spool::close`]
 //! is a crash as far as the file is concerned: nothing acknowledged is lost.
 
+mod audiences;
 mod stats;
 mod store;
 mod writer;
@@ -19,10 +20,14 @@ use tokio::sync::{mpsc, oneshot};
 pub use stats::{Drops, Erasures, LaneLevel, SpoolStats};
 pub use store::Recovered;
 
+use crate::audiences::{
+    check, Applied, AudienceApplyError, AudienceLimits, AudienceRecord, AudienceSummary,
+};
 use crate::config::{LaneConfig, SpoolConfig};
 use crate::consent::{ConsentChange, ConsentPolicy};
 use crate::enrich::DeviceState;
 use crate::model::{DeviceId, Event, Seq};
+use crate::wire::AudienceUpdate;
 use store::Store;
 use writer::Command;
 
@@ -164,6 +169,15 @@ pub struct AppendOutcome {
     pub dropped_oldest: u64,
 }
 
+/// What erasing a user removed from the spool file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserPurge {
+    /// Queued events removed.
+    pub events: u64,
+    /// Whether the user had audience membership stored.
+    pub audiences: bool,
+}
+
 /// Level of one lane, for status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaneStatus {
@@ -182,6 +196,9 @@ pub(crate) struct Shared {
     stats: Mutex<SpoolStats>,
     /// Written by the writer only, after the commit that holds it.
     erasures: Mutex<Erasures>,
+    /// Written by the writer only, after the commit that holds it.
+    audiences: Mutex<AudienceSummary>,
+    audience_limits: AudienceLimits,
     /// `next_seq` after the last commit: the uplink waits on it for new events.
     committed: tokio::sync::watch::Sender<u64>,
 }
@@ -222,6 +239,7 @@ impl Spool {
         let recovered = store.recover(configured_device_id)?;
         let stats = store.load_stats()?;
         let erasures = store.load_erasures()?;
+        let audience_summary = store.with_db(audiences::load_summary)?;
         let shared = Arc::new(Shared {
             store,
             lanes: config.lanes.clone(),
@@ -230,6 +248,8 @@ impl Spool {
             committed: tokio::sync::watch::channel(stats.next_seq).0,
             stats: Mutex::new(stats.clone()),
             erasures: Mutex::new(erasures),
+            audiences: Mutex::new(audience_summary),
+            audience_limits: AudienceLimits::default(),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let writer_shared = Arc::clone(&shared);
@@ -305,14 +325,14 @@ impl Spool {
     }
 
     /// Erases `user_id`'s data in one commit: every queued event whose user id or
-    /// anonymous id is `user_id`, and its consent record; `devices` are device states
-    /// to persist in the same commit (the intake's, with the user forgotten). Returns
-    /// how many events were removed. Doing it again removes nothing more.
+    /// anonymous id is `user_id`, its consent record and its audience membership;
+    /// `devices` are device states to persist in the same commit (the intake's, with
+    /// the user forgotten). Doing it again removes nothing more.
     pub async fn purge_user(
         &self,
         user_id: &str,
         devices: Vec<(DeviceId, DeviceState)>,
-    ) -> Result<u64, SpoolError> {
+    ) -> Result<UserPurge, SpoolError> {
         let user_id = user_id.to_owned();
         self.call(|reply| Command::PurgeUser {
             user_id,
@@ -327,7 +347,7 @@ impl Spool {
         &self,
         user_id: &str,
         devices: Vec<(DeviceId, DeviceState)>,
-    ) -> Result<oneshot::Receiver<Result<u64, SpoolError>>, SpoolError> {
+    ) -> Result<oneshot::Receiver<Result<UserPurge, SpoolError>>, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::PurgeUser {
@@ -338,6 +358,42 @@ impl Spool {
             .await
             .map_err(|_| SpoolError::Closed)?;
         Ok(rx)
+    }
+
+    /// Replaces `update.user_id`'s audience membership in one durable commit, unless
+    /// the file holds that version or a newer one for the user (then nothing changes:
+    /// the gateway resends). Past the user cap the least recently updated users are
+    /// forgotten in the same commit. An update over the caps is refused before
+    /// anything is written. Returns once it is on disk. This is what the uplink does
+    /// with every [`Downlink::Audiences`](crate::wire::Downlink::Audiences).
+    pub async fn apply_audiences(
+        &self,
+        update: AudienceUpdate,
+        now_ms: i64,
+    ) -> Result<Applied, AudienceApplyError> {
+        let update = check(update, &self.shared.audience_limits)?;
+        self.call(|reply| Command::Audiences {
+            update,
+            now_ms,
+            reply,
+        })
+        .await
+        .map_err(AudienceApplyError::Storage)
+    }
+
+    /// The audience membership held for `user_id` (a user or anonymous id), `None`
+    /// when there is none. Reads the file; needs no connection.
+    pub fn audiences(&self, user_id: &str) -> Result<Option<AudienceRecord>, SpoolError> {
+        self.shared.store.with_db(|db| audiences::get(db, user_id))
+    }
+
+    /// Users with membership and the newest applied version, as of the last commit.
+    pub fn audience_summary(&self) -> AudienceSummary {
+        *self
+            .shared
+            .audiences
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// What purge requests erased, as of the last commit.

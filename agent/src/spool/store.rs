@@ -11,10 +11,17 @@
 //! | `consent`        | subject            | postcard [`SubjectConsent`]             |
 //! | `devices`        | device id          | postcard [`DeviceState`]                |
 //! | `device_counts`  | device id          | `u64` events accepted from that device  |
+//! | `audiences`      | user id            | postcard [`AudienceRecord`]             |
+//! | `audience_order` | `u64` order        | user id (least recently updated first)  |
+//! | `meta`           | `"audiences"`      | postcard [`AudienceSummary`]            |
 //!
 //! Invariants, kept by the writer committing them in one transaction:
 //! 1. `stats.lanes[l]` equals the count and summed value lengths of `lane:<l>`.
 //! 2. Every seq in any lane is `< stats.next_seq`; seqs are never reused.
+//! 3. The audience tables keep the invariants listed in [`super::audiences`].
+//!
+//! [`AudienceRecord`]: crate::audiences::AudienceRecord
+//! [`AudienceSummary`]: crate::audiences::AudienceSummary
 //!
 //! Only the writer thread writes; everything here reads or swaps the handle.
 
@@ -98,6 +105,8 @@ impl Store {
             txn.open_table(CONSENT).spool()?;
             txn.open_table(DEVICES).spool()?;
             txn.open_table(DEVICE_COUNTS).spool()?;
+            txn.open_table(super::audiences::AUDIENCES).spool()?;
+            txn.open_table(super::audiences::AUDIENCE_ORDER).spool()?;
             for lane in &self.lanes {
                 let name = lane_table(lane);
                 txn.open_table(lane_def(&name)).spool()?;

@@ -17,7 +17,8 @@ use super::store::{
     decode_event, lane_def, lane_table, CONSENT, DEVICES, DEVICE_COUNTS, ERASURES_KEY, META,
     STATS_KEY,
 };
-use super::{AppendOutcome, Prepared, RedbResultExt, Shared, SpoolError};
+use super::{audiences, AppendOutcome, Prepared, RedbResultExt, Shared, SpoolError, UserPurge};
+use crate::audiences::{Applied, CheckedUpdate};
 use crate::config::WhenFull;
 use crate::enrich::DeviceState;
 use crate::model::{DeviceId, Seq};
@@ -45,7 +46,13 @@ pub(crate) enum Command {
     PurgeUser {
         user_id: String,
         devices: Vec<(DeviceId, DeviceState)>,
-        reply: oneshot::Sender<Result<u64, SpoolError>>,
+        reply: oneshot::Sender<Result<UserPurge, SpoolError>>,
+    },
+    /// Replace a user's audience membership (see [`super::Spool::apply_audiences`]).
+    Audiences {
+        update: CheckedUpdate,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Applied, SpoolError>>,
     },
     /// Finish what is queued before this, then exit.
     Stop,
@@ -58,7 +65,8 @@ enum Reply {
     ),
     Remove(oneshot::Sender<Result<usize, SpoolError>>, usize),
     Sweep(oneshot::Sender<Result<u64, SpoolError>>, u64),
-    Purge(oneshot::Sender<Result<u64, SpoolError>>, u64),
+    Purge(oneshot::Sender<Result<UserPurge, SpoolError>>, UserPurge),
+    Audiences(oneshot::Sender<Result<Applied, SpoolError>>, Applied),
 }
 
 impl Reply {
@@ -69,6 +77,7 @@ impl Reply {
             Reply::Remove(tx, n) => drop(tx.send(Ok(n))),
             Reply::Sweep(tx, n) => drop(tx.send(Ok(n))),
             Reply::Purge(tx, n) => drop(tx.send(Ok(n))),
+            Reply::Audiences(tx, a) => drop(tx.send(Ok(a))),
         }
     }
 
@@ -78,6 +87,7 @@ impl Reply {
             Reply::Remove(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Sweep(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Purge(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Audiences(tx, _) => drop(tx.send(Err(e.clone()))),
         }
     }
 }
@@ -116,6 +126,11 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     let erasures_before = erasures;
+    let mut audience_summary = *shared
+        .audiences
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let audience_summary_before = audience_summary;
     let mut replies = Vec::with_capacity(group.len());
     let mut pending = group.into_iter();
     let result = shared.store.with_db(|db| {
@@ -164,12 +179,36 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                     user_id,
                     devices,
                     reply,
-                } => match purge_user(shared, &txn, &mut tentative, &user_id, &devices) {
-                    Ok(n) => {
+                } => match purge_user(
+                    shared,
+                    &txn,
+                    &mut tentative,
+                    &mut audience_summary,
+                    &user_id,
+                    &devices,
+                ) {
+                    Ok(purged) => {
                         erasures.purges += 1;
-                        erasures.events += n;
-                        replies.push(Reply::Purge(reply, n));
+                        erasures.events += purged.events;
+                        replies.push(Reply::Purge(reply, purged));
                     }
+                    Err(e) => {
+                        drop(reply.send(Err(e.clone())));
+                        return Err(e);
+                    }
+                },
+                Command::Audiences {
+                    update,
+                    now_ms,
+                    reply,
+                } => match audiences::apply(
+                    &txn,
+                    &mut audience_summary,
+                    &update,
+                    &shared.audience_limits,
+                    now_ms,
+                ) {
+                    Ok(applied) => replies.push(Reply::Audiences(reply, applied)),
                     Err(e) => {
                         drop(reply.send(Err(e.clone())));
                         return Err(e);
@@ -177,6 +216,9 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                 },
                 Command::Stop => {}
             }
+        }
+        if audience_summary != audience_summary_before {
+            audiences::save_summary(&txn, &audience_summary)?;
         }
         if erasures != erasures_before {
             let encoded =
@@ -202,6 +244,10 @@ fn commit_group(shared: &Shared, stats: &mut SpoolStats, group: Vec<Command>) {
                 .erasures
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = erasures;
+            *shared
+                .audiences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = audience_summary;
             shared.committed.send_replace(stats.next_seq);
             for r in replies {
                 r.send();
@@ -228,6 +274,7 @@ fn fail_command(cmd: Command, e: &SpoolError) {
         Command::Remove { reply, .. } => drop(reply.send(Err(e.clone()))),
         Command::Sweep { reply, .. } => drop(reply.send(Err(e.clone()))),
         Command::PurgeUser { reply, .. } => drop(reply.send(Err(e.clone()))),
+        Command::Audiences { reply, .. } => drop(reply.send(Err(e.clone()))),
         Command::Stop => {}
     }
 }
@@ -455,15 +502,16 @@ fn purge(
 }
 
 /// Removes every queued event of `user_id` (its user id, or the anonymous id of its
-/// logged-out events) and its consent record; persists `devices`. Returns how many
-/// events went.
+/// logged-out events), its consent record and its audience membership; persists
+/// `devices`.
 fn purge_user(
     shared: &Shared,
     txn: &WriteTransaction,
     stats: &mut SpoolStats,
+    audience_summary: &mut crate::audiences::AudienceSummary,
     user_id: &str,
     devices: &[(DeviceId, DeviceState)],
-) -> Result<u64, SpoolError> {
+) -> Result<UserPurge, SpoolError> {
     let mut erased = 0;
     for lane in &shared.lanes {
         let name = lane_table(&lane.name);
@@ -499,12 +547,16 @@ fn purge_user(
         }
     }
     txn.open_table(CONSENT).spool()?.remove(user_id).spool()?;
+    let audiences = audiences::remove(txn, audience_summary, user_id)?;
     let mut table = txn.open_table(DEVICES).spool()?;
     for (device, state) in devices {
         let bytes = postcard::to_stdvec(state).map_err(|e| SpoolError::Storage(e.to_string()))?;
         table.insert(device.0.as_str(), bytes.as_slice()).spool()?;
     }
-    Ok(erased)
+    Ok(UserPurge {
+        events: erased,
+        audiences,
+    })
 }
 
 fn sweep(

@@ -7,13 +7,14 @@
 //! [`lanes`]; this module owns the MQTT client, timers and the spool calls.
 //!
 //! Downlink: incoming PUBLISHes are acknowledged by hand, only once handled: an ack
-//! frame once its events left the spool, a control message once carried out and
-//! committed (the gateway keeps a control message queued until that PUBACK, so one
+//! frame once its events left the spool, a control message or an audience update
+//! once carried out and committed (the gateway keeps a control message queued until that PUBACK, so one
 //! that failed here comes again after the next connect). After each connect the
 //! lanes wait for the gateway's hello reply before sending: the gateway sends what
 //! it queued for this device (e.g. a user's erasure) before that reply, so a purge
 //! takes effect before the spool it concerns goes out. Without a reply within the ack
-//! timeout the lanes send anyway.
+//! timeout the lanes send anyway. The hello carries the newest audience version the
+//! spool file holds, so the gateway resends only the membership changes made since.
 
 mod lanes;
 pub mod tls;
@@ -27,13 +28,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::audiences::{Applied, AudienceApplyError};
 use crate::consent::ConsentUpdate;
 use crate::intake::Intake;
 
 use crate::config::{UplinkConfig, UplinkMode};
 use crate::model::{now_ms, DeviceId, Seq};
 use crate::spool::Spool;
-use crate::wire::{self, Compression, Control, DeviceTopics, Downlink, Hello, Topics, UplinkBatch};
+use crate::wire::{
+    self, AudienceUpdate, Compression, Control, DeviceTopics, Downlink, Hello, Topics, UplinkBatch,
+};
 use lanes::LaneState;
 
 /// MQTT requests queued in the client before `publish` waits.
@@ -74,6 +78,10 @@ pub struct UplinkStatus {
     pub greeted: bool,
     /// Control messages from the gateway carried out (purges, consent).
     pub controls_applied: u64,
+    /// Audience updates committed (stale resends not counted).
+    pub audience_updates_applied: u64,
+    /// Audience updates refused for breaking a cap (acknowledged, never applied).
+    pub audience_updates_refused: u64,
 }
 
 /// Shared, readable status.
@@ -318,7 +326,9 @@ impl Uplink {
         let hello = Hello {
             device: self.device.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            audiences_version: 0,
+            // Read when sent: updates applied while disconnected do not exist, but a
+            // reconnect after updates must not ask for them again.
+            audiences_version: self.spool.audience_summary().version,
             config_version: 0,
             sent_at_ms: now_ms(),
         };
@@ -394,7 +404,7 @@ impl Uplink {
                     });
                 }
                 Ok(Downlink::Control(control)) => return self.apply_control(control).await,
-                Ok(other) => debug!(message = ?other, "Downlink message not handled yet."),
+                Ok(Downlink::Audiences(update)) => return self.apply_audiences(update).await,
                 // It can never be carried out; sent again it would fail again.
                 Err(e) => warn!(error = %e, "Undecodable downlink ignored."),
             }
@@ -415,6 +425,7 @@ impl Uplink {
                     info!(
                         events = p.events,
                         consent = p.consent,
+                        audiences = p.audiences,
                         devices = p.devices,
                         "A user's data was erased at the gateway's request."
                     );
@@ -452,6 +463,42 @@ impl Uplink {
             self.set_status(|s| s.controls_applied += 1);
         }
         done
+    }
+
+    /// Stores an audience update; false when the commit failed for now and the update
+    /// should come again (the gateway resends what the next hello shows missing).
+    async fn apply_audiences(&self, update: AudienceUpdate) -> bool {
+        let version = update.version;
+        match self.spool.apply_audiences(update, now_ms()).await {
+            Ok(Applied::Replaced { evicted }) => {
+                if evicted > 0 {
+                    info!(
+                        evicted,
+                        "Audience membership of least recently updated users forgotten (user cap)."
+                    );
+                }
+                debug!(version, "Audience update applied.");
+                self.set_status(|s| s.audience_updates_applied += 1);
+                true
+            }
+            Ok(Applied::Stale { held }) => {
+                debug!(
+                    version,
+                    held, "Audience update older than what the device holds; ignored."
+                );
+                true
+            }
+            // Sent again it would be refused again.
+            Err(AudienceApplyError::Refused(e)) => {
+                warn!(version, error = %e, "Audience update refused.");
+                self.set_status(|s| s.audience_updates_refused += 1);
+                true
+            }
+            Err(AudienceApplyError::Storage(e)) => {
+                warn!(error = %e, "Audience update not stored; the gateway sends it again after the next connect.");
+                false
+            }
+        }
     }
 
     /// Sends what the lanes allow; returns how long until the next check is due.
