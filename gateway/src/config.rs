@@ -940,6 +940,7 @@ impl GatewayConfig {
                 ));
             }
         }
+        self.validate_audiences(path)?;
         let mut keys = std::collections::HashSet::new();
         for s in &self.sources {
             if s.write_key.is_empty() || !keys.insert(s.write_key.as_str()) {
@@ -948,6 +949,36 @@ impl GatewayConfig {
                     format!("source `{}`: empty or shared with another source", s.name),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `[[audiences]]`: names unique and safe in file names, URLs and topics; every
+    /// `when` tree compiles (the error names the audience and the clause).
+    fn validate_audiences(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let mut names = std::collections::HashSet::new();
+        for a in &self.audiences {
+            let ok = !a.name.is_empty()
+                && a.name.len() <= 64
+                && a.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                return Err(bad(
+                    "audiences.name",
+                    format!("`{}`: use 1-64 letters, digits, `-`, `_`", a.name),
+                ));
+            }
+            if !names.insert(a.name.as_str()) {
+                return Err(bad("audiences.name", format!("`{}` is repeated", a.name)));
+            }
+            crate::audience::condition::compile(a)
+                .map_err(|e| bad("audiences.when", e.to_string()))?;
         }
         Ok(())
     }
@@ -1147,5 +1178,44 @@ mod tests {
         let ok = parse("[[computed]]\nname = \"n\"\nkind = \"count\"\nwindow = \"7d\"\n").unwrap();
         assert_eq!(ok.computed[0].window, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(ok.identity.unique, ["customer_id", "email"]);
+    }
+
+    #[test]
+    fn audience_names_must_be_unique_and_plain() {
+        let one = |name: &str| {
+            format!("[[audiences]]\nname = \"{name}\"\nwhen = {{ consent = \"ads\" }}\n")
+        };
+        assert!(parse(&one("lapsed_users-2")).is_ok());
+        let long = "x".repeat(65);
+        for name in ["", "with space", "a/b", "caf\u{e9}", long.as_str()] {
+            assert_eq!(invalid_key(&one(name)), "audiences.name", "{name:?}");
+        }
+        assert_eq!(
+            invalid_key(&format!("{}{}", one("a"), one("a"))),
+            "audiences.name"
+        );
+    }
+
+    #[test]
+    fn a_bad_audience_condition_fails_the_start_naming_audience_and_clause() {
+        let text = "[[audiences]]\nname = \"ok\"\nwhen = { consent = \"ads\" }\n\
+                    [[audiences]]\nname = \"lapsed\"\n\
+                    when = { all = [ { consent = \"ads\" }, { did = \"Push Sent\", within = \"7x\" } ] }\n";
+        match parse(text) {
+            Err(ConfigError::Invalid { key, message, .. }) => {
+                assert_eq!(key, "audiences.when");
+                assert!(
+                    message.starts_with(
+                        "audience `lapsed`: when.all[1].did.within: `7x` is not a duration"
+                    ),
+                    "{message}"
+                );
+            }
+            other => panic!("expected an invalid value, got {other:?}"),
+        }
+        assert!(matches!(
+            parse("[[audiences]]\nname = \"a\"\nwhen = { did = \"X\", typo = 1 }\n"),
+            Err(ConfigError::Invalid { key, .. }) if key == "audiences.when"
+        ));
     }
 }
