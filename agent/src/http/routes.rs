@@ -230,11 +230,10 @@ impl Api {
     /// the spool file holds, so it answers offline. Without an id, the device's
     /// current user (else its anonymous id); `deviceId` picks the device in fleet mode.
     ///
-    /// Membership is personal data, unlike the aggregate `/v1/status`: it takes the
-    /// write key (Basic user) whenever write keys are configured, as `PUT /v1/consent`.
+    /// No credentials, like the other local reads (`/v1/status`, `/metrics`): the
+    /// apps of the device read it, and the API listens on loopback by default. An
+    /// agent whose `http.listen` is reachable from a network exposes it there too.
     async fn audiences(&self, req: &Request<Body>) -> Result<Reply, ApiError> {
-        let header_key = basic(req.headers()).map(|(user, _)| user);
-        self.check_write_key(header_key.as_deref())?;
         let bad =
             |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message);
         let pairs =
