@@ -25,6 +25,7 @@
 
 pub mod dead_letters;
 pub mod retry;
+pub mod saver;
 pub mod window;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -37,9 +38,10 @@ use tracing::{debug, error, info, warn};
 
 use self::dead_letters::StoredLetter;
 use self::retry::{random_unit, Backoff, TokenBucket};
+use self::saver::{CursorThrough, Saver};
 use self::window::{BatchId, Window};
 use super::route::Route;
-use super::{Delivery, DestContext, DestStats, SendOutcome, Sink};
+use super::{DestContext, DestStats, Rendered, SendOutcome, Sink};
 use crate::config::{DeliveryMode, DestinationConfig};
 use crate::profiles::Routed;
 use crate::store::StoreError;
@@ -66,11 +68,18 @@ struct CursorState {
     next_run_ms: i64,
 }
 
-/// One batch on its way: the rendered deliveries and what they were rendered from.
+impl CursorThrough for CursorState {
+    fn through(&self) -> u64 {
+        self.through
+    }
+}
+
+/// One batch on its way. Only the rendered text is kept: a refusal reads the
+/// records again for the dead letters (the inbox keeps them until the cursor
+/// passes), so the much larger records are dropped as soon as they are rendered.
 struct Batch {
     id: BatchId,
-    deliveries: Vec<Delivery>,
-    routed: Vec<Routed>,
+    events: Arc<[Rendered]>,
 }
 
 /// How a batch's sending ended.
@@ -112,13 +121,13 @@ impl<S: Sink> Sender<S> {
     }
 
     /// Sends `batch` until the destination accepts or refuses it.
-    async fn send(&self, batch: &[Delivery], shutdown: &CancellationToken) -> Finished {
+    async fn send(&self, batch: &[Rendered], shutdown: &CancellationToken) -> Finished {
         let mut failures = 0u32;
         loop {
             if shutdown.is_cancelled() || !self.pace(shutdown).await {
                 return Finished::Abandoned;
             }
-            match self.sink.send(batch).await {
+            match self.sink.send_rendered(batch).await {
                 SendOutcome::Delivered => {
                     if failures > 0 {
                         info!(destination = %self.name, failures, "Destination accepted a batch again.");
@@ -181,8 +190,11 @@ pub async fn run_sink<S: Sink>(
     stats
         .cursor
         .store(state.through, std::sync::atomic::Ordering::Relaxed);
+    let saver = Saver::start(config.name.clone(), ctx.clone(), Arc::clone(&stats), state);
     let mut driver = Driver {
         route: Route::new(&config),
+        saver: Some(saver),
+        scratch: Vec::new(),
         batch_size: batch_size.max(1),
         window: Window::new(state.through),
         read_pos: state.through,
@@ -240,7 +252,11 @@ struct Driver<S> {
     /// Every seq up to here is in a batch, pending, or skipped.
     read_pos: u64,
     /// Rendered events waiting for a full batch (or the linger, or the run's end).
-    pending: Vec<(Delivery, Routed)>,
+    pending: Vec<Rendered>,
+    /// Commits `state` in the background; `None` once shut down.
+    saver: Option<Saver<CursorState>>,
+    /// Reused render buffer.
+    scratch: Vec<u8>,
     pending_since: Option<Instant>,
     tasks: JoinSet<(BatchId, Finished)>,
     /// Batches in `tasks`, kept here for dead-lettering.
@@ -280,7 +296,7 @@ impl<S: Sink> Driver<S> {
         let mut watching = true;
         if self.batch_mode() && self.state.next_run_ms == 0 {
             self.state.next_run_ms = edge_agent::model::now_ms() + millis(self.config.schedule);
-            self.save().await;
+            self.save();
         }
         // Batch mode: the inbox seq the current run delivers up to; `None` between runs.
         let mut run_target: Option<u64> = None;
@@ -328,7 +344,7 @@ impl<S: Sink> Driver<S> {
                         let now = edge_agent::model::now_ms();
                         self.state.next_run_ms = (self.state.next_run_ms + schedule).max(now);
                         info!(destination = %self.name(), through = self.state.through, "Scheduled delivery finished.");
-                        self.save().await;
+                        self.save();
                     }
                 }
             }
@@ -395,15 +411,9 @@ impl<S: Sink> Driver<S> {
             return Ok(false);
         }
         for routed in page.events {
-            match self.route.render(&routed) {
-                Some(body) => {
-                    let delivery = Delivery {
-                        seq: routed.seq,
-                        event_id: routed.record.event.id,
-                        profile_id: routed.enrichment.profile_id,
-                        body,
-                    };
-                    self.pending.push((delivery, routed));
+            match self.render(&routed) {
+                Some(event) => {
+                    self.pending.push(event);
                     self.pending_since.get_or_insert_with(Instant::now);
                 }
                 None => {
@@ -426,11 +436,11 @@ impl<S: Sink> Driver<S> {
             return;
         }
         let n = self.pending.len().min(self.batch_size);
-        let taken: Vec<(Delivery, Routed)> = self.pending.drain(..n).collect();
+        let events: Arc<[Rendered]> = self.pending.drain(..n).collect();
         // The batch also covers the filtered events read after it, unless more
         // pending events follow.
         let through = match self.pending.first() {
-            Some((next, _)) => next.seq.saturating_sub(1),
+            Some(next) => next.seq.saturating_sub(1),
             None => self.read_pos,
         };
         self.pending_since = if self.pending.is_empty() {
@@ -439,17 +449,12 @@ impl<S: Sink> Driver<S> {
             Some(Instant::now())
         };
         let id = self.window.push_batch(through);
-        let (deliveries, routed): (Vec<Delivery>, Vec<Routed>) = taken.into_iter().unzip();
         let sender = Arc::clone(&self.sender);
         let token = shutdown.clone();
-        let to_send = deliveries.clone();
+        let to_send = Arc::clone(&events);
         self.tasks
             .spawn(async move { (id, sender.send(&to_send, &token).await) });
-        self.batches.push(Batch {
-            id,
-            deliveries,
-            routed,
-        });
+        self.batches.push(Batch { id, events });
     }
 
     /// Books a finished batch: dead letters for a refusal, then the window.
@@ -463,20 +468,16 @@ impl<S: Sink> Driver<S> {
             Finished::Delivered => {}
             Finished::Rejected(reason) => {
                 let reason = truncate(&reason);
-                warn!(destination = %self.name(), events = batch.deliveries.len(), reason = %reason, "Destination refused a batch; moving it to the dead letters.");
+                warn!(destination = %self.name(), events = batch.events.len(), reason = %reason, "Destination refused a batch; moving it to the dead letters.");
                 self.stats.set_error(&reason);
-                let now = edge_agent::model::now_ms();
-                let letters: Vec<StoredLetter> = batch
-                    .routed
-                    .iter()
-                    .zip(&batch.deliveries)
-                    .map(|(r, d)| StoredLetter::new(r, &d.body, &reason, now))
-                    .collect();
-                if !self.store_dead_letters(letters, shutdown).await {
+                if !self
+                    .store_dead_letters(&batch.events, &reason, shutdown)
+                    .await
+                {
                     return;
                 }
                 self.stats.dead_lettered.fetch_add(
-                    batch.deliveries.len() as u64,
+                    batch.events.len() as u64,
                     std::sync::atomic::Ordering::Relaxed,
                 );
             }
@@ -484,15 +485,28 @@ impl<S: Sink> Driver<S> {
         self.window.complete(id);
     }
 
-    /// Writes dead letters, retrying store failures; `false` on shutdown (the batch
-    /// stays undone and is sent again after the restart).
+    /// Writes the refused `events` as dead letters, with the records they were
+    /// rendered from, retrying store failures; `false` on shutdown (the batch stays
+    /// undone and is sent again after the restart).
     async fn store_dead_letters(
         &self,
-        letters: Vec<StoredLetter>,
+        events: &[Rendered],
+        reason: &str,
         shutdown: &CancellationToken,
     ) -> bool {
         loop {
-            match dead_letters::add(&self.ctx.store, self.name(), letters.clone()).await {
+            let now = edge_agent::model::now_ms();
+            let letters = self.routed_for(events).map(|found| {
+                found
+                    .iter()
+                    .map(|(r, e)| StoredLetter::with_json(r, &e.json, reason, now))
+                    .collect::<Vec<_>>()
+            });
+            let added = match letters {
+                Ok(letters) => dead_letters::add(&self.ctx.store, self.name(), letters).await,
+                Err(e) => Err(e),
+            };
+            match added {
                 Ok(_) => return true,
                 Err(e) => {
                     error!(destination = %self.name(), error = %e, "Cannot store dead letters; retrying.");
@@ -506,40 +520,81 @@ impl<S: Sink> Driver<S> {
         }
     }
 
-    /// Commits the cursor if the window's done prefix grew; `true` if it did.
+    /// The routed records `events` (in inbox order) were rendered from, read again
+    /// from the inbox, each with its event. An event erased meanwhile is absent (its
+    /// dead letter with it).
+    fn routed_for<'a>(
+        &self,
+        events: &'a [Rendered],
+    ) -> Result<Vec<(Routed, &'a Rendered)>, StoreError> {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::with_capacity(events.len());
+        let mut after = first.seq.saturating_sub(1);
+        while after < last.seq {
+            let want = usize::try_from(last.seq - after).unwrap_or(usize::MAX);
+            let page = self.ctx.profiles.read_routed(
+                &self.ctx.store,
+                after,
+                want.min(self.batch_size.max(64)),
+            )?;
+            if page.through <= after {
+                break;
+            }
+            after = page.through;
+            for routed in page.events {
+                if let Ok(at) = events.binary_search_by_key(&routed.seq, |e| e.seq) {
+                    found.push((routed, &events[at]));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// What this destination sends for `routed`; `None` when its route keeps the
+    /// event out, or (a bug, not bad input: logged with the seq) when it cannot be
+    /// written, so one such event does not stop the destination.
+    fn render(&mut self, routed: &Routed) -> Option<Rendered> {
+        self.scratch.clear();
+        let written = self
+            .route
+            .render_into(routed, &mut self.scratch)
+            .map_err(|e| e.to_string())
+            .and_then(|kept| {
+                let json = std::str::from_utf8(&self.scratch).map_err(|e| e.to_string())?;
+                Ok(kept.then(|| json.into()))
+            });
+        match written {
+            Ok(json) => json.map(|json| Rendered {
+                seq: routed.seq,
+                event_id: routed.record.event.id,
+                profile_id: routed.enrichment.profile_id,
+                json,
+            }),
+            Err(e) => {
+                error!(destination = %self.name(), seq = routed.seq, error = %e, "Cannot render an event; skipping it.");
+                self.stats.set_error(&e);
+                None
+            }
+        }
+    }
+
+    /// Moves the cursor over the window's done prefix if it grew; `true` if it did.
+    /// The commit happens in the background ([`saver`]).
     async fn advance(&mut self) -> bool {
         let Some(through) = self.window.advance() else {
             return false;
         };
         self.state.through = through;
-        self.save().await;
+        self.save();
         true
     }
 
-    async fn save(&self) {
-        let bytes = match postcard::to_stdvec(&self.state) {
-            Ok(b) => b,
-            Err(e) => {
-                error!(destination = %self.name(), error = %e, "Cannot encode the destination cursor.");
-                return;
-            }
-        };
-        match self
-            .ctx
-            .store
-            .save_cursor(self.name(), bytes, self.state.through)
-            .await
-        {
-            Ok(()) => self
-                .stats
-                .cursor
-                .store(self.state.through, std::sync::atomic::Ordering::Relaxed),
-            // The next save carries the same progress; until then a restart only
-            // sends some events again.
-            Err(e) => {
-                warn!(destination = %self.name(), error = %e, "Cannot save the destination cursor.");
-                self.stats.set_error(&e.to_string());
-            }
+    /// Asks the saver to commit the current state.
+    fn save(&self) {
+        if let Some(saver) = &self.saver {
+            saver.save(self.state);
         }
     }
 
@@ -562,24 +617,14 @@ impl<S: Sink> Driver<S> {
             };
             after = *last;
             let mut gone = Vec::new();
-            let mut send: Vec<(u64, Delivery, StoredLetter)> = Vec::new();
+            let mut send: Vec<(u64, Rendered, StoredLetter)> = Vec::new();
             for (id, letter) in chunk {
-                let routed = letter.routed();
-                match self.route.render(&routed) {
-                    Some(body) => send.push((
-                        id,
-                        Delivery {
-                            seq: routed.seq,
-                            event_id: routed.record.event.id,
-                            profile_id: routed.enrichment.profile_id,
-                            body,
-                        },
-                        letter,
-                    )),
+                match self.render(&letter.routed()) {
+                    Some(event) => send.push((id, event, letter)),
                     None => gone.push(id),
                 }
             }
-            let batch: Vec<Delivery> = send.iter().map(|(_, d, _)| d.clone()).collect();
+            let batch: Vec<Rendered> = send.iter().map(|(_, d, _)| d.clone()).collect();
             let outcome = if batch.is_empty() {
                 Finished::Delivered
             } else {
@@ -596,7 +641,8 @@ impl<S: Sink> Driver<S> {
                     refused += batch.len() as u64;
                     let now = edge_agent::model::now_ms();
                     for (id, d, letter) in send {
-                        let again = StoredLetter::new(&letter.routed(), &d.body, &reason, now);
+                        let again =
+                            StoredLetter::with_json(&letter.routed(), &d.json, &reason, now);
                         if let Err(e) =
                             dead_letters::update(&self.ctx.store, &name, id, again).await
                         {
@@ -631,6 +677,9 @@ impl<S: Sink> Driver<S> {
             }
         }
         self.advance().await;
+        if let Some(saver) = self.saver.take() {
+            saver.finish().await;
+        }
     }
 }
 

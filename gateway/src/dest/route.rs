@@ -46,12 +46,26 @@
 //! consent summary; only identities the allowlist names as living in `context`
 //! (device id, session id, external ids) remain there.
 
-use edge_agent::ingest::format_timestamp;
-use edge_agent::model::{EventKind, Map as AgentMap};
-use serde_json::{json, Map, Value};
+#[cfg(test)]
+mod reference;
+mod render;
 
+use edge_agent::ingest::format_timestamp;
+use edge_agent::model::{EventKind, Map as AgentMap, Value as AgentValue};
+use serde_json::Value;
+
+use self::render::{agent_entries, set, Body, Entries, MessageId, Node, Obj};
 use crate::config::DestinationConfig;
 use crate::profiles::Routed;
+
+/// An event that cannot be written as JSON. Our serializers only write string keys
+/// and plain values, so this is a bug, not bad input; it names the event.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write inbox event {seq} as JSON: {message}")]
+pub struct RenderError {
+    pub seq: u64,
+    pub message: String,
+}
 
 /// A destination's filters, consent requirements and minimization, compiled once.
 #[derive(Debug, Clone)]
@@ -109,12 +123,32 @@ impl Route {
     }
 
     /// The Segment-spec JSON this destination receives for `routed`, or `None` when
-    /// filters or consent keep it out.
+    /// filters or consent keep it out. A tree for callers that look inside (tests, the
+    /// admin API); delivery writes bytes with [`Route::render_into`].
     pub fn render(&self, routed: &Routed) -> Option<Value> {
-        if !self.passes_filters(routed) || !self.consent_allows(routed) {
-            return None;
+        let mut out = Vec::new();
+        match self.render_into(routed, &mut out) {
+            // Our own output: it parses.
+            Ok(true) => serde_json::from_slice(&out).ok(),
+            Ok(false) | Err(_) => None,
         }
-        Some(self.build(routed))
+    }
+
+    /// Appends the JSON text this destination receives for `routed` to `out`;
+    /// `Ok(false)`, with nothing written, when filters or consent keep it out.
+    pub fn render_into(&self, routed: &Routed, out: &mut Vec<u8>) -> Result<bool, RenderError> {
+        if !self.passes_filters(routed) || !self.consent_allows(routed) {
+            return Ok(false);
+        }
+        let start = out.len();
+        if let Err(e) = serde_json::to_writer(&mut *out, &self.body(routed)) {
+            out.truncate(start);
+            return Err(RenderError {
+                seq: routed.seq,
+                message: e.to_string(),
+            });
+        }
+        Ok(true)
     }
 
     fn passes_filters(&self, routed: &Routed) -> bool {
@@ -163,7 +197,7 @@ impl Route {
     }
 
     /// Identities that leave, `(type, value)`, in a stable order.
-    fn identities_out(&self, routed: &Routed) -> Vec<(String, String)> {
+    fn identities_out<'a>(&'a self, routed: &'a Routed) -> Vec<(&'a str, &'a str)> {
         let e = &routed.record.event;
         let ids = &e.identities;
         let other = |t: &str| {
@@ -172,7 +206,7 @@ impl Route {
                 .find(|(k, _)| k == t)
                 .map(|(_, v)| v.as_str())
         };
-        let mut own: Vec<(String, String)> = Vec::new();
+        let mut own: Vec<(&str, &str)> = Vec::with_capacity(8);
         let placed = [
             (
                 "customer_id",
@@ -196,165 +230,209 @@ impl Route {
         };
         // Under an allowlist `traits.email` counts as the email identity.
         add_identity(&mut own, "email", e.traits.get_str("email"));
-        let mut out: Vec<(String, String)> = Vec::new();
+        let mut out: Vec<(&str, &str)> = Vec::with_capacity(allow.len());
         for t in allow {
             let value = own
                 .iter()
                 .find(|(k, _)| k == t)
-                .or_else(|| routed.enrichment.identities.iter().find(|(k, _)| k == t))
-                .map(|(_, v)| v.as_str());
+                .map(|(_, v)| *v)
+                .or_else(|| {
+                    routed
+                        .enrichment
+                        .identities
+                        .iter()
+                        .find(|(k, _)| k == t)
+                        .map(|(_, v)| v.as_str())
+                });
             add_identity(&mut out, t, value);
         }
         out
     }
 
-    fn build(&self, routed: &Routed) -> Value {
+    /// What leaves for `routed`, borrowed from it, ready to serialize.
+    fn body<'a>(&'a self, routed: &'a Routed) -> Body<'a> {
         let record = &routed.record;
         let e = &record.event;
         let kind = segment_type(&e.kind);
-        let mut out = Map::new();
+        let (event, name) = match (kind, event_name(&e.kind, e.name.as_deref())) {
+            ("track", Some(n)) => (Some(n), None),
+            (_, Some(n)) => (None, Some(n)),
+            _ => (None, None),
+        };
         // The app's own messageId when it gave one (tools correlate and dedupe by it);
         // the event id (also the Idempotency-Key) otherwise.
-        let message_id = e.message_id.clone().unwrap_or_else(|| e.id.to_string());
-        out.insert("messageId".into(), json!(message_id));
-        out.insert("type".into(), json!(kind));
-        match (kind, event_name(&e.kind, e.name.as_deref())) {
-            ("track", Some(n)) => drop(out.insert("event".into(), json!(n))),
-            (_, Some(n)) => drop(out.insert("name".into(), json!(n))),
-            _ => {}
-        }
-
-        let identities = self.identities_out(routed);
+        let message_id = match &e.message_id {
+            Some(id) => MessageId::App(id),
+            None => MessageId::Event(e.id),
+        };
+        let mut body = Body {
+            anonymous_id: None,
+            context: None,
+            event,
+            group_id: None,
+            message_id,
+            name,
+            original_timestamp: format_timestamp(e.timestamp_ms),
+            previous_id: None,
+            properties: None,
+            received_at: format_timestamp(record.received_ms),
+            timestamp: format_timestamp(record.corrected_timestamp_ms),
+            traits: None,
+            kind,
+            user_id: None,
+        };
         let mut external = Vec::new();
         let (mut device_id, mut session_id) = (None, None);
-        for (t, v) in &identities {
-            match t.as_str() {
-                "customer_id" => drop(out.insert("userId".into(), json!(v))),
-                "anonymous_id" => drop(out.insert("anonymousId".into(), json!(v))),
-                "group_id" => drop(out.insert("groupId".into(), json!(v))),
-                "previous_id" => drop(out.insert("previousId".into(), json!(v))),
-                "device_id" => device_id = Some(v.clone()),
-                "session_id" => session_id = Some(v.clone()),
-                _ => external.push(json!({ "type": t, "id": v })),
+        for (t, v) in self.identities_out(routed) {
+            match t {
+                "customer_id" => body.user_id = Some(v),
+                "anonymous_id" => body.anonymous_id = Some(v),
+                "group_id" => body.group_id = Some(v),
+                "previous_id" => body.previous_id = Some(v),
+                "device_id" => device_id = Some(v),
+                "session_id" => session_id = Some(v),
+                _ => external.push((t, v)),
             }
         }
-
-        let properties = cut(&e.properties, self.properties.as_deref());
-        if !properties.is_empty() {
-            out.insert("properties".into(), Value::Object(properties));
-        }
+        let allowed = self.properties.as_deref();
+        let properties = agent_entries(&e.properties, |k| listed(allowed, k));
+        body.properties = (!properties.is_empty()).then_some(properties);
         let traits = self.traits(routed);
-        if !traits.is_empty() {
-            out.insert("traits".into(), Value::Object(traits));
-        }
-
-        let mut context = if self.context {
-            let mut c = to_json_map(&e.context);
-            if self.identities.is_some() {
-                strip_context_identifiers(&mut c);
-            }
-            c.remove("consent");
-            c.remove("externalIds");
-            c.remove("sessionId");
-            c.insert(
-                "consent".into(),
-                json!({ "granted": e.consent.granted, "ccpaOptOut": e.consent.ccpa_opt_out }),
-            );
-            c
-        } else {
-            Map::new()
-        };
-        // Without an allowlist, identities living in context go only with the context.
-        let placed_in_context = self.context || self.identities.is_some();
-        if placed_in_context {
-            if let Some(id) = device_id {
-                let device = context.entry("device").or_insert_with(|| json!({}));
-                if let Value::Object(d) = device {
-                    d.insert("id".into(), json!(id));
-                }
-            }
-            if let Some(s) = session_id {
-                context.insert("sessionId".into(), json!(s));
-            }
-            if !external.is_empty() {
-                context.insert("externalIds".into(), Value::Array(external));
-            }
-        }
-        if !context.is_empty() {
-            out.insert("context".into(), Value::Object(context));
-        }
-
-        out.insert(
-            "timestamp".into(),
-            json!(format_timestamp(record.corrected_timestamp_ms)),
-        );
-        out.insert(
-            "originalTimestamp".into(),
-            json!(format_timestamp(e.timestamp_ms)),
-        );
-        out.insert(
-            "receivedAt".into(),
-            json!(format_timestamp(record.received_ms)),
-        );
-        Value::Object(out)
+        body.traits = (!traits.is_empty()).then_some(traits);
+        body.context = self.context_out(routed, device_id, session_id, external);
+        body
     }
 
     /// The event's traits (cut to the allowlist) plus allowed profile attributes.
-    fn traits(&self, routed: &Routed) -> Map<String, Value> {
+    fn traits<'a>(&'a self, routed: &'a Routed) -> Vec<(&'a str, &'a AgentValue)> {
         let e = &routed.record.event;
-        let mut traits = cut(&e.traits, self.attributes.as_deref());
+        let allowed = self.attributes.as_deref();
         // `traits.email` is the email identity: it obeys the identity allowlist.
-        if !self.allows_identity("email") {
-            traits.remove("email");
-        }
-        if let Some(allow) = &self.attributes {
+        let email = self.allows_identity("email");
+        let mut traits =
+            agent_entries(&e.traits, |k| listed(allowed, k) && (email || k != "email"));
+        if let Some(allow) = allowed {
+            let own = traits.len();
             for (name, value) in &routed.enrichment.attributes {
-                if allow.iter().any(|a| a == name) && !traits.contains_key(name) {
-                    traits.insert(
-                        name.clone(),
-                        serde_json::to_value(value).unwrap_or(Value::Null),
-                    );
+                // The event's own value wins, then the profile's first.
+                if allow.iter().any(|a| a == name) && !traits.iter().any(|(k, _)| k == name) {
+                    traits.push((name, value));
                 }
+            }
+            if traits.len() > own {
+                traits.sort_by(|a, b| a.0.cmp(b.0));
             }
         }
         traits
     }
+
+    /// `context`: the event's (unless `context = false`), stripped of identifiers under
+    /// an identity allowlist, with the consent summary and the identities placed there.
+    fn context_out<'a>(
+        &'a self,
+        routed: &'a Routed,
+        device_id: Option<&'a str>,
+        session_id: Option<&'a str>,
+        external: Vec<(&'a str, &'a str)>,
+    ) -> Option<Obj<'a>> {
+        let e = &routed.record.event;
+        let strip = self.identities.is_some();
+        let mut c: Entries<'a> = Vec::new();
+        if self.context {
+            // Identifiers a Segment context may carry besides the ones we place, and
+            // what we place ourselves.
+            let dropped = |k: &str| {
+                matches!(k, "consent" | "externalIds" | "sessionId")
+                    || (strip && matches!(k, "traits" | "ip" | "userId" | "anonymousId"))
+            };
+            c = agent_entries(&e.context, |k| !dropped(k))
+                .into_iter()
+                .map(|(k, v)| (k, Node::Agent(v)))
+                .collect();
+            if strip {
+                strip_device(&mut c);
+            }
+            c.push((
+                "consent",
+                Node::Consent {
+                    granted: &e.consent.granted,
+                    ccpa: e.consent.ccpa_opt_out,
+                },
+            ));
+        }
+        // Without an allowlist, identities living in context go only with the context.
+        if self.context || strip {
+            if let Some(id) = device_id {
+                set_device_id(&mut c, id);
+            }
+            if let Some(s) = session_id {
+                set(&mut c, "sessionId", Node::Str(s));
+            }
+            if !external.is_empty() {
+                set(&mut c, "externalIds", Node::External(external));
+            }
+        }
+        (!c.is_empty()).then(|| Obj::sorted(c))
+    }
+}
+
+/// Whether `key` passes an optional allowlist.
+fn listed(allow: Option<&[String]>, key: &str) -> bool {
+    allow.is_none_or(|a| a.iter().any(|x| x == key))
+}
+
+/// Drops `context.device.id` and `.advertisingId`, and the device when nothing is left.
+fn strip_device(context: &mut Entries<'_>) {
+    let Some(at) = context.iter().position(|(k, _)| *k == "device") else {
+        return;
+    };
+    if let Node::Agent(AgentValue::Object(device)) = context[at].1 {
+        let kept = object_of(device, |k| k != "id" && k != "advertisingId");
+        if kept.is_empty() {
+            context.remove(at);
+        } else {
+            context[at].1 = Node::Object(kept);
+        }
+    }
+}
+
+/// Sets `context.device.id`, making the device object if there is none; a device
+/// that is not an object is left as it is.
+fn set_device_id<'a>(context: &mut Entries<'a>, id: &'a str) {
+    let Some(at) = context.iter().position(|(k, _)| *k == "device") else {
+        context.push((
+            "device",
+            Node::Object(Obj::sorted(vec![("id", Node::Str(id))])),
+        ));
+        return;
+    };
+    let slot = &mut context[at].1;
+    match slot {
+        Node::Agent(AgentValue::Object(device)) => {
+            let mut d = object_of(device, |k| k != "id");
+            d.set("id", Node::Str(id));
+            *slot = Node::Object(d);
+        }
+        Node::Object(d) => d.set("id", Node::Str(id)),
+        _ => {}
+    }
+}
+
+/// An agent object's entries passing `keep`, as an object of this module.
+fn object_of<'a>(map: &'a AgentMap, keep: impl FnMut(&str) -> bool) -> Obj<'a> {
+    Obj::sorted(
+        agent_entries(map, keep)
+            .into_iter()
+            .map(|(k, v)| (k, Node::Agent(v)))
+            .collect(),
+    )
 }
 
 /// Adds `(id_type, value)` unless the value is empty or the type is there already.
-fn add_identity(list: &mut Vec<(String, String)>, id_type: &str, value: Option<&str>) {
+fn add_identity<'a>(list: &mut Vec<(&'a str, &'a str)>, id_type: &'a str, value: Option<&'a str>) {
     if let Some(v) = value.filter(|v| !v.is_empty()) {
-        if !list.iter().any(|(t, _)| t == id_type) {
-            list.push((id_type.to_owned(), v.to_owned()));
-        }
-    }
-}
-
-/// An agent map as JSON, cut to `allow` when given.
-fn cut(map: &AgentMap, allow: Option<&[String]>) -> Map<String, Value> {
-    let mut out = Map::new();
-    for (k, v) in map.iter() {
-        if allow.is_none_or(|a| a.iter().any(|x| x == k)) {
-            out.insert(k.to_owned(), serde_json::to_value(v).unwrap_or(Value::Null));
-        }
-    }
-    out
-}
-
-fn to_json_map(map: &AgentMap) -> Map<String, Value> {
-    cut(map, None)
-}
-
-/// Removes identifiers a Segment context may carry besides the ones we place.
-fn strip_context_identifiers(context: &mut Map<String, Value>) {
-    for key in ["traits", "ip", "userId", "anonymousId"] {
-        context.remove(key);
-    }
-    if let Some(Value::Object(device)) = context.get_mut("device") {
-        device.remove("id");
-        device.remove("advertisingId");
-        if device.is_empty() {
-            context.remove("device");
+        if !list.iter().any(|(t, _)| *t == id_type) {
+            list.push((id_type, v));
         }
     }
 }
@@ -362,6 +440,7 @@ fn strip_context_identifiers(context: &mut Map<String, Value>) {
 #[cfg(test)]
 mod tests {
     use edge_agent::model::{DeviceId, Event, EventKind, Source, Value as AgentValue};
+    use serde_json::json;
 
     use super::*;
     use crate::profiles::{Enrichment, ProfileConsent};
@@ -623,6 +702,101 @@ mod tests {
             r.enrichment.consent.updated_ms = T + 1;
         });
         assert!(r.render(&widened).is_none());
+    }
+
+    /// Events that stress the writer: unsorted and repeated keys at every depth,
+    /// escapes, odd numbers, a device that is not an object, profile attributes
+    /// shadowed by the event's own.
+    fn awkward() -> Vec<Routed> {
+        let mut out = vec![purchase()];
+        out.push(with(|r| {
+            let e = &mut r.record.event;
+            e.message_id = Some("app-\"1\"\n\u{1}é".into());
+            e.properties = map(
+                r#"{"z":{"b":1,"a":[{"y":1,"x":2},[]]},"m":1.5,"n":null,"big":18446744073709551615,"neg":-3,"Z":true,"a":"x","a":"y"}"#,
+            );
+            e.properties.insert("nan", AgentValue::Float(f64::NAN));
+            e.traits = map(r#"{"plan":"p","email":"e@x","email":"f@x","ltv":1e300}"#);
+            e.context = map(
+                r#"{"device":"tv","userId":"u","consent":{"x":1},"sessionId":"old","externalIds":[1],"b":{"d":1,"c":2},"a":[{"k":2,"j":1}]}"#,
+            );
+        }));
+        out.push(with(|r| {
+            let e = &mut r.record.event;
+            e.kind = EventKind::Identify;
+            e.name = None;
+            e.traits = AgentMap::new();
+            e.properties = AgentMap::new();
+            e.context = map(r#"{"device":{"id":"only"}}"#);
+            e.identities.user_id = None;
+            e.identities.other = vec![
+                ("customer_id".into(), "c-9".into()),
+                ("email".into(), "".into()),
+                ("zz".into(), "z".into()),
+            ];
+            r.enrichment.attributes = vec![
+                ("email".into(), AgentValue::String("p@x".into())),
+                ("ltv".into(), AgentValue::Int(1)),
+                ("ltv".into(), AgentValue::Int(2)),
+            ];
+        }));
+        out.push(with(|r| {
+            let e = &mut r.record.event;
+            e.kind = EventKind::Page;
+            e.name = Some("Home".into());
+            e.context = AgentMap::new();
+            e.identities.session_id = None;
+            e.identities.group_id = Some("g".into());
+            e.identities.previous_id = Some("p".into());
+        }));
+        out.push(with(|r| {
+            let e = &mut r.record.event;
+            e.kind = EventKind::SessionStart;
+            e.name = None;
+            e.context = map(
+                r#"{"device":{"advertisingId":"ad","id":"x","zeta":{"b":[1,{"d":1,"c":2}],"a":0}}}"#,
+            );
+        }));
+        out
+    }
+
+    #[test]
+    fn the_written_bytes_equal_the_serialized_tree() {
+        let routes = [
+            "",
+            "context = false",
+            "identities = [\"customer_id\"]\nattributes = [\"ltv\"]\nproperties = []\ncontext = false",
+            "identities = [\"anonymous_id\"]",
+            "identities = [\"device_id\", \"session_id\", \"mobile_number\"]\ncontext = false",
+            "identities = [\"device_id\", \"email\", \"customer_id\", \"zz\", \"group_id\", \"previous_id\"]",
+            "identities = [\"customer_id\"]\nattributes = [\"email\", \"ltv\", \"first_seen\", \"plan\"]",
+            "attributes = [\"email\", \"ltv\"]",
+            "properties = [\"revenue\", \"z\", \"a\", \"nan\"]",
+            "identities = []\nattributes = []",
+            "identities = [\"device_id\"]",
+        ];
+        let mut checked = 0;
+        for text in routes {
+            let r = route(text);
+            for routed in awkward() {
+                let mut bytes = b"[".to_vec();
+                assert!(r.render_into(&routed, &mut bytes).unwrap(), "{text}");
+                let expected = serde_json::to_string(&reference::build(&r, &routed)).unwrap();
+                assert_eq!(
+                    std::str::from_utf8(&bytes[1..]).unwrap(),
+                    expected,
+                    "route `{text}`"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, routes.len() * awkward().len());
+        // Kept out: nothing is written.
+        let mut bytes = Vec::new();
+        assert!(!route("event_names = [\"x\"]")
+            .render_into(&purchase(), &mut bytes)
+            .unwrap());
+        assert!(bytes.is_empty());
     }
 
     #[test]

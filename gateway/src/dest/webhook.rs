@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use edge_agent::model::EventId;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode, Uri};
@@ -25,10 +26,9 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
 use tracing::warn;
 
-use super::{Delivery, SendOutcome, Sink};
+use super::{Delivery, Rendered, SendOutcome, Sink};
 use crate::config::{DestinationConfig, WebhookFormat};
 
 /// Response bytes read to explain a refusal; a longer body is not read.
@@ -118,24 +118,31 @@ impl WebhookSink {
         })
     }
 
-    fn body(&self, batch: &[Delivery]) -> Vec<u8> {
-        let value = match (self.format, batch) {
-            (WebhookFormat::Single, [one]) => one.body.clone(),
-            _ => json!({
-                "batch": batch.iter().map(|d| &d.body).collect::<Vec<&Value>>(),
-                "sentAt": edge_agent::ingest::format_timestamp(edge_agent::model::now_ms()),
-            }),
-        };
-        // A `Value` always serializes.
-        serde_json::to_vec(&value).unwrap_or_default()
+    /// The body of one request in `batch` format from the events' JSON texts:
+    /// `{"batch":[...],"sentAt":"..."}`, the texts copied in as they are.
+    fn batch_body<'a>(&self, events: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+        const HEAD: &[u8] = b"{\"batch\":[";
+        const SENT_AT: &[u8] = b"],\"sentAt\":\"";
+        let sent_at = edge_agent::ingest::format_timestamp(edge_agent::model::now_ms());
+        let size: usize = events.clone().map(|e| e.len() + 1).sum();
+        let mut body = Vec::with_capacity(HEAD.len() + size + SENT_AT.len() + sent_at.len() + 2);
+        body.extend_from_slice(HEAD);
+        for (i, event) in events.enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(event);
+        }
+        body.extend_from_slice(SENT_AT);
+        // RFC 3339 digits and punctuation: nothing to escape.
+        body.extend_from_slice(sent_at.as_bytes());
+        body.extend_from_slice(b"\"}");
+        body
     }
 
-    /// Sends `batch` as one request under the timeout.
-    async fn request(&self, batch: &[Delivery]) -> SendOutcome {
-        if batch.is_empty() {
-            return SendOutcome::Delivered;
-        }
-        match tokio::time::timeout(self.timeout, self.exchange(batch)).await {
+    /// Sends one request under the timeout; `key` is its `Idempotency-Key`.
+    async fn request(&self, key: Option<EventId>, body: Vec<u8>) -> SendOutcome {
+        match tokio::time::timeout(self.timeout, self.exchange(key, body)).await {
             Err(_) => SendOutcome::Retry {
                 after: None,
                 reason: format!("no answer within {:?}", self.timeout),
@@ -151,15 +158,19 @@ impl WebhookSink {
     }
 
     /// One request; the answer's status, `Retry-After` and body start.
-    async fn exchange(&self, batch: &[Delivery]) -> Result<(u16, Option<String>, Bytes), String> {
+    async fn exchange(
+        &self,
+        key: Option<EventId>,
+        body: Vec<u8>,
+    ) -> Result<(u16, Option<String>, Bytes), String> {
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(self.uri.clone())
-            .body(Full::new(Bytes::from(self.body(batch))))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("cannot build the request: {e}"))?;
         *request.headers_mut() = self.headers.clone();
-        if let Some(first) = batch.first() {
-            if let Ok(key) = HeaderValue::from_str(&first.event_id.to_string()) {
+        if let Some(key) = key {
+            if let Ok(key) = HeaderValue::from_str(&key.to_string()) {
                 request.headers_mut().insert("idempotency-key", key);
             }
         }
@@ -186,13 +197,39 @@ impl WebhookSink {
 
 impl Sink for WebhookSink {
     async fn send(&self, batch: &[Delivery]) -> SendOutcome {
+        // A `Value` always serializes.
+        let text = |d: &Delivery| serde_json::to_vec(&d.body).unwrap_or_default();
         if self.format == WebhookFormat::Batch {
-            return self.request(batch).await;
+            let Some(first) = batch.first() else {
+                return SendOutcome::Delivered;
+            };
+            let texts: Vec<Vec<u8>> = batch.iter().map(text).collect();
+            let body = self.batch_body(texts.iter().map(Vec::as_slice));
+            return self.request(Some(first.event_id), body).await;
         }
         // The driver hands `single` one event at a time (max_batch); should a caller
         // not, each still travels alone, stopping at the first that is not taken.
         for one in batch {
-            let outcome = self.request(std::slice::from_ref(one)).await;
+            let outcome = self.request(Some(one.event_id), text(one)).await;
+            if outcome != SendOutcome::Delivered {
+                return outcome;
+            }
+        }
+        SendOutcome::Delivered
+    }
+
+    async fn send_rendered(&self, batch: &[Rendered]) -> SendOutcome {
+        if self.format == WebhookFormat::Batch {
+            let Some(first) = batch.first() else {
+                return SendOutcome::Delivered;
+            };
+            let body = self.batch_body(batch.iter().map(|r| r.json.as_bytes()));
+            return self.request(Some(first.event_id), body).await;
+        }
+        for one in batch {
+            let outcome = self
+                .request(Some(one.event_id), one.json.as_bytes().to_vec())
+                .await;
             if outcome != SendOutcome::Delivered {
                 return outcome;
             }
@@ -313,6 +350,8 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn config(extra: &str) -> DestinationConfig {
@@ -411,6 +450,26 @@ mod tests {
         let err =
             WebhookSink::new(&config("[destinations.headers]\n\"Bad Name\" = \"x\"")).unwrap_err();
         assert!(err.to_string().contains("Bad Name"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_body_is_the_event_texts_in_an_array_with_sent_at() {
+        let sink = WebhookSink::new(&config("format = \"batch\"")).unwrap();
+        let texts: [&[u8]; 2] = [br#"{"a":1}"#, br#"{"b":"x"}"#];
+        let body = sink.batch_body(texts.into_iter());
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.starts_with(r#"{"batch":[{"a":1},{"b":"x"}],"sentAt":""#),
+            "{text}"
+        );
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // What the tree it replaced would have written, byte for byte.
+        assert_eq!(serde_json::to_string(&value).unwrap(), text);
+        assert!(value["sentAt"].as_str().unwrap().ends_with('Z'));
+        let empty = sink.batch_body(std::iter::empty());
+        assert!(String::from_utf8(empty)
+            .unwrap()
+            .starts_with(r#"{"batch":[],"sentAt""#));
     }
 
     #[tokio::test]

@@ -33,10 +33,15 @@ pub struct StoredLetter {
 
 impl StoredLetter {
     pub fn new(routed: &Routed, body: &serde_json::Value, reason: &str, at_ms: i64) -> Self {
+        Self::with_json(routed, &body.to_string(), reason, at_ms)
+    }
+
+    /// A dead letter whose refused body is already JSON text.
+    pub fn with_json(routed: &Routed, body: &str, reason: &str, at_ms: i64) -> Self {
         Self {
             at_ms,
             reason: reason.to_owned(),
-            body: body.to_string(),
+            body: body.to_owned(),
             seq: routed.seq,
             record: routed.record.clone(),
             enrichment: routed.enrichment.clone(),
