@@ -941,6 +941,18 @@ impl GatewayConfig {
             }
         }
         self.validate_audiences(path)?;
+        for d in &self.destinations {
+            if let Some(missing) = d
+                .audiences
+                .iter()
+                .find(|a| !self.audiences.iter().any(|x| &x.name == *a))
+            {
+                return Err(bad(
+                    "destinations.audiences",
+                    format!("destination `{}`: no audience named `{missing}`", d.name),
+                ));
+            }
+        }
         let mut keys = std::collections::HashSet::new();
         for s in &self.sources {
             if s.write_key.is_empty() || !keys.insert(s.write_key.as_str()) {
@@ -1217,5 +1229,31 @@ mod tests {
             parse("[[audiences]]\nname = \"a\"\nwhen = { did = \"X\", typo = 1 }\n"),
             Err(ConfigError::Invalid { key, .. }) if key == "audiences.when"
         ));
+    }
+
+    #[test]
+    fn feeds_and_audience_outputs_name_what_exists() {
+        let hook = "[[destinations]]\nname = \"push\"\nkind = \"webhook\"\nurl = \"http://x\"\n";
+        assert_eq!(
+            invalid_key("[[feeds]]\nname = \"push\"\ntoken = \"t\"\n"),
+            "feeds.token"
+        );
+        assert_eq!(
+            invalid_key(&format!(
+                "{hook}[[feeds]]\nname = \"push\"\ntoken = \"long-token\"\ndestinations = [\"nope\"]\n"
+            )),
+            "feeds.destinations"
+        );
+        let ok = parse(&format!(
+            "{hook}[[feeds]]\nname = \"push\"\ntoken = \"long-token\"\ndestinations = [\"push\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.destinations[0].exclude_senders, ["feed:push"]);
+        assert_eq!(
+            invalid_key(
+                "[[destinations]]\nname = \"a\"\nkind = \"audience_file\"\ndir = \"a\"\naudiences = [\"ghost\"]\n"
+            ),
+            "destinations.audiences"
+        );
     }
 }
