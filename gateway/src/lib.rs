@@ -35,8 +35,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use config::{resolve, GatewayConfig, MqttMode};
-use profiles::Profiles;
 use endpoint::{Endpoint, EndpointMetrics, Sessions};
+use profiles::Profiles;
 use store::Store;
 
 /// File name of the gateway's redb store inside the data dir.
@@ -141,8 +141,11 @@ pub async fn run(
     });
 
     let store_path = data_dir.join(STORE_FILE);
-    // Every consumer of the inbox: the profile stage and each destination.
-    let names: Vec<String> = std::iter::once(profiles::STAGE_NAME.to_owned())
+    // Every consumer of the inbox: the profile stage, the audience engine and each
+    // destination.
+    let names: Vec<String> = [profiles::STAGE_NAME, audience::engine::STAGE_NAME]
+        .into_iter()
+        .map(str::to_owned)
         .chain(config.destinations.iter().map(|d| d.name.clone()))
         .collect();
     let cache = usize::try_from(config.gateway.cache_size.0).unwrap_or(usize::MAX);
@@ -166,12 +169,27 @@ pub async fn run(
         }
     })?);
     tasks.spawn(Arc::clone(&profiles).run(Arc::clone(&store), shutdown.clone()));
+    let audiences_path = data_dir.join(audience::engine::AUDIENCES_FILE);
+    let audiences = Arc::new(
+        audience::engine::Audiences::open(&audiences_path, &config).map_err(|source| {
+            GatewayError::Store {
+                path: audiences_path,
+                source,
+            }
+        })?,
+    );
+    tasks.spawn(Arc::clone(&audiences).run(
+        Arc::clone(&store),
+        Arc::clone(&profiles),
+        shutdown.clone(),
+    ));
     let destinations = dest::spawn_all(
         &config.destinations,
         &dest::DestContext {
             store: Arc::clone(&store),
             profiles: Arc::clone(&profiles),
             data_dir: data_dir.to_owned(),
+            audiences: Arc::clone(&audiences),
         },
         &tasks,
         &shutdown,
@@ -247,6 +265,7 @@ pub async fn run(
         metrics,
         sessions,
         profiles,
+        audiences,
         destinations,
         downlinks,
         config: config.http.clone(),

@@ -10,11 +10,6 @@ use edge_gateway::config::{resolve, GatewayConfig};
 use edge_gateway::http::client::{encode_segment, AdminClient, ClientError};
 use tokio_util::sync::CancellationToken;
 
-/// Fast allocator for the binary (see `Cargo.toml`): events are decoded, routed and
-/// rendered as many small allocations freed on other threads.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "edge-gateway", version, about = "Edge collector gateway")]
 struct Cli {
@@ -76,6 +71,34 @@ enum Command {
     Replay {
         /// Destination name.
         name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Every audience with its size on a running gateway.
+    Audiences {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Members of an audience.
+    Members {
+        /// Audience name.
+        name: String,
+        /// Most members listed.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Only members with a larger profile id (paging).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Why a profile is or is not in an audience: each clause with its outcome.
+    Why {
+        /// Audience name.
+        name: String,
+        /// Identifier type of the profile: customer_id, email, anonymous_id, ...
+        id_type: String,
+        value: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -189,6 +212,35 @@ fn main() -> ExitCode {
                     v.get("replayed").and_then(|n| n.as_u64()).unwrap_or(0)
                 )
             })
+        }),
+        Command::Audiences { api } => admin_call(&config, &api, |c| {
+            c.get("/v1/audiences").map(|v| audiences_table(&v))
+        }),
+        Command::Members {
+            name,
+            limit,
+            after,
+            api,
+        } => admin_call(&config, &api, |c| {
+            let path = format!(
+                "/v1/audiences/{}/members?after={after}&limit={limit}",
+                encode_segment(&name)
+            );
+            c.get(&path).map(pretty)
+        }),
+        Command::Why {
+            name,
+            id_type,
+            value,
+            api,
+        } => admin_call(&config, &api, |c| {
+            let path = format!(
+                "/v1/audiences/{}/why/{}/{}",
+                encode_segment(&name),
+                encode_segment(&id_type),
+                encode_segment(&value)
+            );
+            c.get(&path).map(pretty)
         }),
         Command::Certs {
             command: CertsCommand::Init { names },
@@ -349,6 +401,23 @@ fn destinations_table(v: &serde_json::Value) -> String {
             n("retries"),
             n("dead_letters"),
             s("last_error"),
+        ));
+    }
+    out.trim_end().to_owned()
+}
+
+/// `GET /v1/audiences` as a table.
+fn audiences_table(v: &serde_json::Value) -> String {
+    let rows = v.as_array().cloned().unwrap_or_default();
+    let mut out = format!("{:<32} {:>10}  DESCRIPTION\n", "AUDIENCE", "MEMBERS");
+    for a in rows {
+        out.push_str(&format!(
+            "{:<32} {:>10}  {}\n",
+            a.get("name").and_then(|x| x.as_str()).unwrap_or(""),
+            a.get("members")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            a.get("description").and_then(|x| x.as_str()).unwrap_or(""),
         ));
     }
     out.trim_end().to_owned()

@@ -77,7 +77,7 @@ impl Admin {
     }
 
     /// `DELETE /v1/profiles/{type}/{value}`: GDPR erasure (profile, identity links,
-    /// queued events, dead letters), then a `PurgeUser` to every device that held the
+    /// queued events, dead letters, audience memberships), then a `PurgeUser` to every device that held the
     /// user, for each of the user's ids.
     pub(super) async fn erase(&self, id_type: &str, value: &str) -> Result<Reply, ApiError> {
         let erased = self
@@ -88,6 +88,14 @@ impl Admin {
         // The profile is gone already from here on: a failure below is reported in the
         // answer, not as an error status, which would make the caller retry an erase
         // that now finds nothing.
+        // Leaving its audiences is logged as changes, so outputs and devices drop it.
+        let (audiences_left, audience_error) = match self.audiences.erase(erased.profile_id).await {
+            Ok(n) => (Some(n), None),
+            Err(e) => {
+                warn!(profile = erased.profile_id, error = %e, "Could not remove an erased profile from its audiences.");
+                (None, Some(e.to_string()))
+            }
+        };
         let (dead_letters_removed, dead_letter_error) = match self.destinations.erase(&erased).await
         {
             Ok(n) => (Some(n), None),
@@ -135,6 +143,8 @@ impl Admin {
                 "purge_errors": failed,
                 "dead_letters_removed": dead_letters_removed,
                 "dead_letter_error": dead_letter_error,
+                "audiences_left": audiences_left,
+                "audience_error": audience_error,
             }),
         ))
     }

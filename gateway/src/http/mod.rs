@@ -3,6 +3,7 @@
 //! - [`ingest`]: Segment `/v1/*` and mParticle `/v2/*` for sources without an agent.
 //! - [`admin`]: `/v1/devices`, `/v1/profiles` (lookup, erase), `/v1/destinations`
 //!   (status, dead letters, replay); Bearer `http.admin_token`, or loopback only.
+//! - [`audiences`]: `/v1/audiences` (sizes, members, why, sweep); admin like the above.
 //! - [`metrics`]: what `/metrics` shows.
 //! - [`client`]: the admin CLI's side of the API.
 //!
@@ -10,6 +11,7 @@
 //! before what it stored is committed.
 
 mod admin;
+mod audiences;
 mod auth;
 pub mod client;
 mod ingest;
@@ -59,6 +61,7 @@ pub struct Admin {
     pub metrics: Arc<EndpointMetrics>,
     pub sessions: Arc<Sessions>,
     pub profiles: Arc<crate::profiles::Profiles>,
+    pub audiences: Arc<crate::audience::engine::Audiences>,
     pub destinations: Arc<crate::dest::Registry>,
     pub downlinks: Arc<crate::downlink::Downlinks>,
     pub config: crate::config::HttpConfig,
@@ -85,6 +88,10 @@ enum Route<'a> {
     Replay(String),
     Feed(String),
     Clock,
+    Audiences,
+    AudienceMembers(String),
+    AudienceWhy(String, String, String),
+    AudienceSweep,
 }
 
 impl Route<'_> {
@@ -145,6 +152,17 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<Route<'p>, ApiError> {
         ["v1", "destinations", _, "dead-letters" | "replay"] => return Err(not_allowed()),
         ["v1", "feeds", name] if post => Route::Feed(segment(name)?),
         ["v1", "feeds", _] => return Err(not_allowed()),
+        ["v1", "audiences"] if get => Route::Audiences,
+        ["v1", "audiences"] => return Err(not_allowed()),
+        ["v1", "audiences", "sweep"] if post => Route::AudienceSweep,
+        ["v1", "audiences", "sweep"] => return Err(not_allowed()),
+        ["v1", "audiences", name, "members"] if get => Route::AudienceMembers(segment(name)?),
+        ["v1", "audiences", name, "why", t, v] if get => {
+            Route::AudienceWhy(segment(name)?, segment(t)?, segment(v)?)
+        }
+        ["v1", "audiences", _, "members"] | ["v1", "audiences", _, "why", _, _] => {
+            return Err(not_allowed())
+        }
         ["v1", "clock"] if post => Route::Clock,
         ["v1", "clock"] => return Err(not_allowed()),
         _ => return Err(ApiError::not_found(format!("no endpoint at {path}"))),
@@ -214,6 +232,10 @@ impl Admin {
             Route::Replay(name) => self.replay(&name).await,
             Route::Feed(name) => self.feed(&name, &parts.headers, body).await,
             Route::Clock => self.advance_clock(&query),
+            Route::Audiences => self.audiences(),
+            Route::AudienceMembers(name) => self.audience_members(&name, &query),
+            Route::AudienceWhy(name, t, v) => self.audience_why(&name, &t, &v),
+            Route::AudienceSweep => self.audience_sweep().await,
         }
     }
 
@@ -349,5 +371,17 @@ mod tests {
         ));
         assert_eq!(status(Method::GET, "/v1/destinations/web/replay"), 405);
         assert_eq!(status(Method::GET, "/v1/profiles/email/%zz"), 400);
+        assert!(matches!(
+            route(&Method::GET, "/v1/audiences/lapsed/why/email/a%40b.c"),
+            Ok(Route::AudienceWhy(n, t, v)) if n == "lapsed" && t == "email" && v == "a@b.c"
+        ));
+        assert!(route(&Method::GET, "/v1/audiences").is_ok_and(|r| r.is_admin()));
+        assert!(route(&Method::POST, "/v1/audiences/sweep").is_ok_and(|r| r.is_admin()));
+        assert!(matches!(
+            route(&Method::GET, "/v1/audiences/lapsed/members"),
+            Ok(Route::AudienceMembers(n)) if n == "lapsed"
+        ));
+        assert_eq!(status(Method::GET, "/v1/audiences/sweep"), 405);
+        assert_eq!(status(Method::POST, "/v1/audiences/lapsed/members"), 405);
     }
 }
