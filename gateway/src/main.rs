@@ -10,6 +10,11 @@ use edge_gateway::config::{resolve, GatewayConfig};
 use edge_gateway::http::client::{encode_segment, AdminClient, ClientError};
 use tokio_util::sync::CancellationToken;
 
+/// Fast allocator for the binary (see `Cargo.toml`): events are decoded, routed and
+/// rendered as many small allocations freed on other threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "edge-gateway", version, about = "Edge collector gateway")]
 struct Cli {

@@ -38,6 +38,32 @@ pub struct Delivery {
     pub body: serde_json::Value,
 }
 
+/// One event on its way out as the JSON text that leaves: what the outbox driver
+/// hands its sink. Rendered once ([`route::Route::render_into`]); a sink that only
+/// forwards the text (webhook) never parses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// Inbox seq.
+    pub seq: u64,
+    /// Idempotency key.
+    pub event_id: EventId,
+    pub profile_id: u64,
+    /// The minimized Segment-spec JSON object, as text.
+    pub json: Box<str>,
+}
+
+impl Rendered {
+    /// The same event as a [`Delivery`], for sinks that look inside the body.
+    pub fn to_delivery(&self) -> Result<Delivery, serde_json::Error> {
+        Ok(Delivery {
+            seq: self.seq,
+            event_id: self.event_id,
+            profile_id: self.profile_id,
+            body: serde_json::from_str(&self.json)?,
+        })
+    }
+}
+
 /// What became of one send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SendOutcome {
@@ -58,6 +84,23 @@ pub trait Sink: Send + Sync + 'static {
     /// Delivers `batch` (1..=`batch_size` events, in inbox order). Must be idempotent
     /// by `event_id`: after a crash the same batch may be sent again.
     fn send(&self, batch: &[Delivery]) -> impl Future<Output = SendOutcome> + Send;
+
+    /// [`Sink::send`] for events rendered as text, what the outbox driver calls. By
+    /// default each body is parsed into a [`Delivery`]; a sink that sends the text
+    /// as it is overrides this.
+    fn send_rendered(&self, batch: &[Rendered]) -> impl Future<Output = SendOutcome> + Send {
+        let parsed: Result<Vec<Delivery>, _> = batch.iter().map(Rendered::to_delivery).collect();
+        async move {
+            match parsed {
+                Ok(deliveries) => self.send(&deliveries).await,
+                // Our own renderer wrote it; should it not parse, the destination
+                // could not take it either.
+                Err(e) => SendOutcome::Reject {
+                    reason: format!("rendered event is not JSON: {e}"),
+                },
+            }
+        }
+    }
 
     /// Most events one [`Sink::send`] may carry, below the destination's
     /// `batch_size` (a webhook in `single` format takes one). `None`: `batch_size`.
