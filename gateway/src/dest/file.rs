@@ -38,6 +38,11 @@ use crate::store::StoreError;
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 /// Longest wait between checks of the open file's age when no events arrive.
 const AGE_CHECK: Duration = Duration::from_millis(250);
+/// When behind, reads of `batch_size` are gathered into one chunk (one write, one
+/// fsync, one cursor commit) up to this many events...
+const MAX_CHUNK_EVENTS: usize = 16_384;
+/// ... or this many bytes of lines (and never much past `max_file_size`).
+const MAX_CHUNK_BYTES: usize = 8 << 20;
 
 /// Why the file destination could not make progress.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,12 @@ pub enum FileDestError {
     /// Reading resolved events or committing the cursor failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An event could not be written as JSON (a bug; the write is retried).
+    #[error(transparent)]
+    Render(#[from] super::route::RenderError),
+    /// The blocking write task died.
+    #[error("file destination write task: {0}")]
+    Task(String),
     /// The saved cursor does not decode (or cannot be encoded).
     #[error("corrupt cursor: {0}")]
     Cursor(String),
@@ -300,31 +311,55 @@ impl FileDestination {
                 }
             }
         }
-        let page = self.ctx.profiles.read_routed(
-            &self.ctx.store,
-            cursor.through,
-            self.config.batch_size.max(1),
-        )?;
-        if page.through <= cursor.through {
+        // Up to a whole chunk of events when behind; a read shorter than asked for
+        // means caught up.
+        let per_read = self.config.batch_size.max(1);
+        let room = cursor
+            .open
+            .map_or(self.config.max_file_size.0, |(_, offset, _)| {
+                self.config.max_file_size.0.saturating_sub(offset)
+            });
+        let max_bytes = usize::try_from(room)
+            .unwrap_or(usize::MAX)
+            .clamp(1, MAX_CHUNK_BYTES);
+        let mut through = cursor.through;
+        let mut lines = Vec::new();
+        let (mut first, mut written, mut looked) = (None, 0u64, 0usize);
+        loop {
+            let page = self
+                .ctx
+                .profiles
+                .read_routed(&self.ctx.store, through, per_read)?;
+            if page.through <= through {
+                break;
+            }
+            through = page.through;
+            looked += page.events.len();
+            if lines.capacity() == 0 {
+                lines.reserve(page.events.len() * 512);
+            }
+            for routed in &page.events {
+                if route.render_into(routed, &mut lines)? {
+                    lines.push(b'\n');
+                    first.get_or_insert(routed.seq);
+                    written += 1;
+                }
+            }
+            if page.events.len() < per_read
+                || looked >= MAX_CHUNK_EVENTS
+                || lines.len() >= max_bytes
+            {
+                break;
+            }
+        }
+        if through <= cursor.through {
             return Ok(false);
         }
-        let mut lines = Vec::with_capacity(page.events.len() * 512);
-        let (mut first, mut written) = (None, 0u64);
-        for routed in &page.events {
-            let Some(body) = route.render(routed) else {
-                continue;
-            };
-            serde_json::to_writer(&mut lines, &body)
-                .map_err(|e| FileDestError::Cursor(format!("encode event: {e}")))?;
-            lines.push(b'\n');
-            first.get_or_insert(routed.seq);
-            written += 1;
-        }
-        let filtered = page.events.len() as u64 - written;
+        let filtered = looked as u64 - written;
         if let Some(first) = first {
-            self.append(cursor, file, first, &lines, now).await?;
+            self.append(cursor, file, first, lines, now).await?;
         }
-        cursor.through = page.through;
+        cursor.through = through;
         self.save(cursor).await?;
         self.stats.delivered.fetch_add(written, Ordering::Relaxed);
         self.stats.filtered.fetch_add(filtered, Ordering::Relaxed);
@@ -339,13 +374,14 @@ impl FileDestination {
     }
 
     /// Appends one chunk to the open file (opening one at `first` if needed) and
-    /// fsyncs it; updates the cursor's offset for the caller to commit.
+    /// fsyncs it; updates the cursor's offset for the caller to commit. Encoding,
+    /// writing and syncing run on a blocking thread, off the runtime's workers.
     async fn append(
         &self,
         cursor: &mut Cursor,
         file: &mut Option<File>,
         first: u64,
-        lines: &[u8],
+        lines: Vec<u8>,
         now: i64,
     ) -> Result<(), FileDestError> {
         let gzip = self.config.gzip;
@@ -363,14 +399,23 @@ impl FileDestination {
             self.save(cursor).await?;
             *file = Some(f);
         }
-        let (Some(f), Some((first, offset, opened))) = (file.as_mut(), cursor.open) else {
+        let (Some(mut f), Some((first, offset, opened))) = (file.take(), cursor.open) else {
             return Err(FileDestError::Cursor("no open file to append to".into()));
         };
         let (path, _) = self.paths(first, gzip);
-        let chunk = encode_chunk(lines, gzip).map_err(Self::io(&path))?;
-        f.write_all(&chunk).map_err(Self::io(&path))?;
-        f.sync_data().map_err(Self::io(&path))?;
-        cursor.open = Some((first, offset + chunk.len() as u64, opened));
+        let written = tokio::task::spawn_blocking(move || {
+            let chunk = encode_chunk(&lines, gzip)?;
+            f.write_all(&chunk)?;
+            f.sync_data()?;
+            Ok::<_, std::io::Error>((f, chunk.len() as u64))
+        })
+        .await
+        .map_err(|e| FileDestError::Task(e.to_string()))?;
+        // On an error the file is closed here; the caller's retry reopens it at the
+        // committed offset.
+        let (f, len) = written.map_err(Self::io(&path))?;
+        *file = Some(f);
+        cursor.open = Some((first, offset + len, opened));
         Ok(())
     }
 }
