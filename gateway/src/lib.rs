@@ -199,6 +199,14 @@ pub async fn run(
         audiences: std::sync::OnceLock::new(),
         sessions: Arc::clone(&sessions),
     });
+    // Membership changes down to the members' devices; hellos re-sync devices behind.
+    let device_audiences = Arc::new(audience::devices::DeviceAudiences {
+        store: Arc::clone(&store),
+        audiences: Arc::clone(&audiences),
+        downlinks: Arc::clone(&downlinks),
+    });
+    let _ = downlinks.audiences.set(Arc::clone(&device_audiences));
+    tasks.spawn(device_audiences.run(shutdown.clone()));
 
     if config.tls.revoked.is_some() {
         let (list, every, token) = (

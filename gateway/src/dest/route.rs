@@ -79,6 +79,8 @@ pub struct Route {
     attributes: Option<Vec<String>>,
     properties: Option<Vec<String>>,
     context: bool,
+    /// Senders never sent here: the feeds of the tool this destination is.
+    exclude_senders: Vec<String>,
 }
 
 /// The Segment call type of an agent event kind.
@@ -119,6 +121,7 @@ impl Route {
             attributes: config.attributes.clone(),
             properties: config.properties.clone(),
             context: config.context,
+            exclude_senders: config.exclude_senders.clone(),
         }
     }
 
@@ -152,6 +155,10 @@ impl Route {
     }
 
     fn passes_filters(&self, routed: &Routed) -> bool {
+        // A feed's events never go back to the tool they came from.
+        if self.exclude_senders.contains(&routed.record.sender.0) {
+            return false;
+        }
         let e = &routed.record.event;
         let kind = segment_type(&e.kind);
         if !self.event_types.is_empty()
@@ -460,6 +467,24 @@ mod tests {
 
     fn route(extra: &str) -> Route {
         Route::new(&config(extra))
+    }
+
+    #[test]
+    fn a_feeds_events_never_go_back_to_its_tool() {
+        let mut c = config("");
+        c.exclude_senders = vec!["feed:push".into()];
+        let tool = Route::new(&c);
+        let mut from_feed = purchase();
+        from_feed.record.sender = DeviceId("feed:push".into());
+        assert!(tool.render(&from_feed).is_none());
+        assert!(
+            tool.render(&purchase()).is_some(),
+            "the app's own events still go"
+        );
+        assert!(
+            route("").render(&from_feed).is_some(),
+            "other destinations get it"
+        );
     }
 
     fn map(json: &str) -> AgentMap {
