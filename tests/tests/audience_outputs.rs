@@ -435,3 +435,37 @@ fn the_postgres_table_matches_the_live_membership_and_is_rebuilt_when_emptied() 
         table(&pg)
     );
 }
+
+/// A destination added to a running gateway starts from a log pruned long ago (the
+/// devices side has read it): it gets every current member as adds, then changes.
+#[test]
+fn an_audience_api_added_later_gets_every_current_member() {
+    let mut gw = gateway("");
+    gw.start();
+    for user in ["u1", "u2"] {
+        identify(&gw, user, "pro");
+    }
+    identify(&gw, "u3", "free");
+    assert!(wait_until(PROMPT, || members(&gw, "pro") == set(&["u1", "u2"])));
+    // More changes, so the log is pruned past what the devices side has read.
+    identify(&gw, "u1", "free");
+    identify(&gw, "u1", "pro");
+    assert!(wait_until(PROMPT, || members(&gw, "pro") == set(&["u1", "u2"])));
+    gw.stop_term();
+
+    let api = WebhookServer::start(|_| Reply::ok());
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(
+        &gw.config_path,
+        format!("{text}\n{}", webhook("late", &api, "audiences = [\"pro\"]")),
+    )
+    .unwrap();
+    gw.start();
+    assert!(
+        wait_until(PROMPT, || api_state(&api, "pro") == set(&["u1", "u2"])),
+        "audience API has {:?}",
+        api_state(&api, "pro")
+    );
+    identify(&gw, "u2", "free");
+    assert!(wait_until(PROMPT, || api_state(&api, "pro") == set(&["u1"])));
+}

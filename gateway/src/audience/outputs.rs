@@ -135,6 +135,17 @@ pub(crate) async fn wait_for_changes(
     }
 }
 
+/// Whether the change log no longer reaches `cursor`: `page` was read after `cursor`
+/// and the log head was `head` before that read. The log is gap-free, so a first
+/// change past `cursor + 1`, or nothing at all below a head past `cursor`, means the
+/// changes in between were pruned.
+pub(crate) fn log_lost(page: &[crate::audience::MembershipChange], head: u64, cursor: u64) -> bool {
+    match page.first() {
+        Some(c) => c.seq > cursor.saturating_add(1),
+        None => head > cursor,
+    }
+}
+
 /// Sleeps `d` unless shutdown comes first; `false` on shutdown.
 pub(crate) async fn pause(d: Duration, shutdown: &tokio_util::sync::CancellationToken) -> bool {
     tokio::select! {
@@ -153,6 +164,26 @@ mod tests {
         let only = vec!["a".to_owned()];
         assert!(selected(&only, "a"));
         assert!(!selected(&only, "b"));
+    }
+
+    #[test]
+    fn a_gap_or_a_head_past_an_empty_read_means_the_log_was_pruned() {
+        let change = |seq| crate::audience::MembershipChange {
+            seq,
+            audience: "a".into(),
+            profile_id: 1,
+            entered: true,
+            at_ms: 0,
+            identities: Vec::new(),
+            devices: Vec::new(),
+            audiences_now: Vec::new(),
+        };
+        assert!(!log_lost(&[change(5)], 5, 4));
+        assert!(log_lost(&[change(6)], 6, 4));
+        assert!(!log_lost(&[], 4, 4));
+        assert!(log_lost(&[], 9, 4));
+        // A fresh output on a log that starts at 1 replays it all.
+        assert!(!log_lost(&[change(1)], 3, 0));
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! add/remove calls set state, so a repeat is harmless (and carries the same key while
 //! the page is the same).
 //!
+//! When the log no longer reaches the cursor (a destination added to a running
+//! gateway after the log was pruned, or one away for long), every current member of
+//! the selected audiences is sent as adds and the cursor jumps to the head: what was
+//! missed is gone, the members are not (members who left meanwhile get no remove).
+//!
 //! Calls go one at a time (the `concurrency = 1` semantics whatever `concurrency`
 //! says): calls of one audience must arrive in order, and a membership stream is small
 //! next to the event stream. `rate_limit` paces them. Answers are read by the webhook
@@ -22,13 +27,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use edge_agent::model::{DeviceId, Event, EventKind, Source};
+use edge_agent::model::{DeviceId, Event, EventId, EventKind, Source};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::calls::{plan, Call};
 use super::member::Allowlist;
-use super::{pause, selected, wait_for_changes, Cursor, READ_PAGE, STORE_RETRY};
+use super::{log_lost, pause, selected, wait_for_changes, Cursor, READ_PAGE, STORE_RETRY};
 use crate::config::{DestinationConfig, WebhookFormat};
 use crate::dest::outbox::dead_letters::{self, StoredLetter};
 use crate::dest::outbox::retry::{random_unit, Backoff, TokenBucket};
@@ -66,7 +71,6 @@ pub struct StreamOutput {
 
 impl StreamOutput {
     /// Builds the HTTP client; on a config it cannot use, the name, the stats and why.
-    #[allow(clippy::result_large_err)]
     pub fn new(
         config: DestinationConfig,
         ctx: DestContext,
@@ -119,6 +123,8 @@ impl StreamOutput {
         info!(destination = %self.name, cursor = cursor.through, "Audience webhook started.");
         let stats = Arc::clone(&self.stats);
         loop {
+            // The head first: a change committed after it is not taken for a gap.
+            let published = *head.borrow();
             let changes = match self.ctx.audiences.read_changes(cursor.through, READ_PAGE) {
                 Ok(c) => c,
                 Err(e) => {
@@ -130,6 +136,15 @@ impl StreamOutput {
                     continue;
                 }
             };
+            if log_lost(&changes, published, cursor.through) {
+                // Pruned past our cursor (a destination added to a running gateway,
+                // or away for long): what we missed is gone, the members are not.
+                warn!(destination = %self.name, cursor = cursor.through, "Membership changes were pruned past the cursor; sending every member.");
+                if !self.full_sync(&mut cursor, &shutdown).await {
+                    return;
+                }
+                continue;
+            }
             let Some(last) = changes.last().map(|c| c.seq) else {
                 tokio::select! {
                     () = stats.replay.notified() => {
@@ -145,56 +160,134 @@ impl StreamOutput {
                 }
                 continue;
             };
-            if let Some(first) = changes.first() {
-                if first.seq > cursor.through.saturating_add(1) {
-                    // The log is gap-free, so this is pruning past our cursor: those
-                    // changes are gone for this destination.
-                    let lost = format!(
-                        "membership changes {}..{} were pruned before this destination sent them",
-                        cursor.through + 1,
-                        first.seq - 1
-                    );
-                    error!(destination = %self.name, "{lost}");
-                    self.stats.set_error(&lost);
-                }
-            }
             let keep = |a: &str| selected(&self.config.audiences, a);
             for call in plan(&changes, keep, self.config.batch_size) {
-                match self.deliver(&call, &shutdown).await {
-                    Finished::Delivered => {}
-                    Finished::Rejected(reason) => {
-                        if !self.dead_letter(&call, &reason, &shutdown).await {
-                            return;
-                        }
-                    }
-                    Finished::Abandoned => return,
+                let key = call.idempotency_key(&self.name);
+                if !self.deliver_or_dead_letter(&call, key, &shutdown).await {
+                    return;
                 }
             }
             cursor.through = last;
-            loop {
-                match cursor.save(&self.ctx, &self.name).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        error!(destination = %self.name, error = %e, "Cannot save the audience cursor; retrying.");
-                        self.stats.set_error(&e.to_string());
-                        if !pause(STORE_RETRY, &shutdown).await {
-                            return;
-                        }
-                    }
-                }
+            if !self.save(cursor, &shutdown).await {
+                return;
             }
-            self.stats.cursor.store(cursor.through, Ordering::Relaxed);
         }
     }
 
+    /// Sends `call`, dead-lettering it if refused; `false` on shutdown.
+    async fn deliver_or_dead_letter(
+        &mut self,
+        call: &Call,
+        key: EventId,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        match self.deliver(call, key, shutdown).await {
+            Finished::Delivered => true,
+            Finished::Rejected(reason) => self.dead_letter(call, key, &reason, shutdown).await,
+            Finished::Abandoned => false,
+        }
+    }
+
+    /// Saves the cursor, retrying store failures; `false` on shutdown.
+    async fn save(&self, cursor: Cursor, shutdown: &CancellationToken) -> bool {
+        loop {
+            match cursor.save(&self.ctx, &self.name).await {
+                Ok(()) => {
+                    self.stats.cursor.store(cursor.through, Ordering::Relaxed);
+                    return true;
+                }
+                Err(e) => {
+                    error!(destination = %self.name, error = %e, "Cannot save the audience cursor; retrying.");
+                    self.stats.set_error(&e.to_string());
+                    if !pause(STORE_RETRY, shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every current member of the selected audiences as adds (calls of up to
+    /// `batch_size`), then moves the cursor to the log head read before the members:
+    /// changes made meanwhile are sent again on top (harmless). Members the receiver
+    /// holds that left while the log was lost get no remove. `false` on shutdown.
+    async fn full_sync(&mut self, cursor: &mut Cursor, shutdown: &CancellationToken) -> bool {
+        let head = *self.ctx.audiences.changes_head().borrow();
+        let audiences = loop {
+            match self.ctx.audiences.sizes() {
+                Ok(a) => break a,
+                Err(e) => {
+                    error!(destination = %self.name, error = %e, "Cannot list audiences; retrying.");
+                    self.stats.set_error(&e.to_string());
+                    if !pause(STORE_RETRY, shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        };
+        let page_size = self.config.batch_size.max(1);
+        let chosen: Vec<String> = audiences
+            .into_iter()
+            .map(|a| a.name)
+            .filter(|a| selected(&self.config.audiences, a))
+            .collect();
+        for audience in chosen {
+            let mut after = 0;
+            loop {
+                let page = match self.ctx.audiences.members(&audience, after, page_size) {
+                    Ok(p) => p.unwrap_or_default(),
+                    Err(e) => {
+                        error!(destination = %self.name, error = %e, "Cannot list members; retrying.");
+                        self.stats.set_error(&e.to_string());
+                        if !pause(STORE_RETRY, shutdown).await {
+                            return false;
+                        }
+                        continue;
+                    }
+                };
+                let Some(last) = page.last().map(|m| m.profile_id) else {
+                    break;
+                };
+                let call = Call {
+                    audience: audience.clone(),
+                    first_seq: head,
+                    last_seq: head,
+                    add: page
+                        .iter()
+                        .map(|m| (m.profile_id, m.identities.clone()))
+                        .collect(),
+                    remove: Vec::new(),
+                };
+                let key = EventId::from_message_id(&format!(
+                    "audience-sync/{}/{audience}/{head}/{after}",
+                    self.name
+                ));
+                if !self.deliver_or_dead_letter(&call, key, shutdown).await {
+                    return false;
+                }
+                after = last;
+                if page.len() < page_size {
+                    break;
+                }
+            }
+        }
+        cursor.through = head;
+        self.save(*cursor, shutdown).await
+    }
+
     /// Sends one call until it is delivered or refused.
-    async fn deliver(&mut self, call: &Call, shutdown: &CancellationToken) -> Finished {
+    async fn deliver(
+        &mut self,
+        call: &Call,
+        key: EventId,
+        shutdown: &CancellationToken,
+    ) -> Finished {
         if call.is_empty() {
             return Finished::Delivered;
         }
         let delivery = Delivery {
             seq: call.last_seq,
-            event_id: call.idempotency_key(&self.name),
+            event_id: key,
             profile_id: call.add.first().or(call.remove.first()).map_or(0, |m| m.0),
             body: call.body(&self.allow, crate::clock::now_ms()),
         };
@@ -257,13 +350,19 @@ impl StreamOutput {
     }
 
     /// Stores a refused call in the dead-letter table; `false` on shutdown.
-    async fn dead_letter(&self, call: &Call, reason: &str, shutdown: &CancellationToken) -> bool {
+    async fn dead_letter(
+        &self,
+        call: &Call,
+        key: EventId,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let reason: String = reason.chars().take(MAX_REASON).collect();
         error!(destination = %self.name, audience = %call.audience, first = call.first_seq, last = call.last_seq, reason = %reason, "Audience API refused a call; dead-lettered.");
         self.stats.set_error(&reason);
         let now = crate::clock::now_ms();
         let letter = StoredLetter::new(
-            &letter_record(&self.name, call),
+            &letter_record(&self.name, call, key),
             &call.body(&self.allow, now),
             &reason,
             now,
@@ -336,10 +435,10 @@ impl StreamOutput {
 /// one (sender `audience:<destination>`, id the call's idempotency key) whose
 /// enrichment lists every member's identities, so a GDPR erase of any member removes
 /// the letter.
-fn letter_record(destination: &str, call: &Call) -> Routed {
+fn letter_record(destination: &str, call: &Call, key: EventId) -> Routed {
     let now = crate::clock::now_ms();
     let mut event = Event::new(EventKind::Track, Source::Local, now);
-    event.id = call.idempotency_key(destination);
+    event.id = key;
     event.name = Some(format!("Audience {}", call.audience));
     let members = call.add.iter().chain(call.remove.iter());
     let identities = members

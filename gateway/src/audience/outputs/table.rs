@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::member::Allowlist;
-use super::{pause, selected, wait_for_changes, Cursor, MEMBERS_PAGE, READ_PAGE, STORE_RETRY};
+use super::{
+    log_lost, pause, selected, wait_for_changes, Cursor, MEMBERS_PAGE, READ_PAGE, STORE_RETRY,
+};
 use crate::audience::MembershipChange;
 use crate::config::DestinationConfig;
 use crate::dest::outbox::retry::{random_unit, Backoff};
@@ -166,7 +168,6 @@ fn db(e: &tokio_postgres::Error) -> Failure {
 
 impl TableOutput {
     /// Checks the config; on one it cannot use, the name, the stats and why.
-    #[allow(clippy::result_large_err)]
     pub fn new(
         config: DestinationConfig,
         ctx: DestContext,
@@ -301,20 +302,13 @@ impl TableOutput {
             return f;
         }
         loop {
+            // The head first: a change committed after it is not taken for a gap.
+            let published = *head.borrow();
             let changes = match self.ctx.audiences.read_changes(cursor.through, READ_PAGE) {
                 Ok(c) => c,
                 Err(e) => return Failure::Store(e.to_string()),
             };
-            let Some(last) = changes.last().map(|c| c.seq) else {
-                if !wait_for_changes(&mut head, cursor.through, shutdown).await {
-                    return Failure::Shutdown;
-                }
-                continue;
-            };
-            if changes
-                .first()
-                .is_some_and(|c| c.seq > cursor.through.saturating_add(1))
-            {
+            if log_lost(&changes, published, cursor.through) {
                 // Pruned past our cursor (we were away): rebuild, then go on.
                 warn!(destination = %self.name, cursor = cursor.through, "Membership changes were pruned past the cursor; rebuilding the table.");
                 if let Err(f) = self.resync(client, cursor).await {
@@ -322,6 +316,12 @@ impl TableOutput {
                 }
                 continue;
             }
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                if !wait_for_changes(&mut head, cursor.through, shutdown).await {
+                    return Failure::Shutdown;
+                }
+                continue;
+            };
             let keep = |a: &str| selected(&self.config.audiences, a);
             let (upserts, deletes) = split_page(&changes, keep, &self.allow);
             let applied = (upserts.len() + deletes.len()) as u64;
@@ -367,13 +367,13 @@ impl TableOutput {
             .map_err(|e| db(&e))?
             .try_get(0)
             .map_err(|e| db(&e))?;
-        let pruned = self
+        let published = *self.ctx.audiences.changes_head().borrow();
+        let next = self
             .ctx
             .audiences
             .read_changes(cursor.through, 1)
-            .map_err(|e| Failure::Store(e.to_string()))?
-            .first()
-            .is_some_and(|c| c.seq > cursor.through.saturating_add(1));
+            .map_err(|e| Failure::Store(e.to_string()))?;
+        let pruned = log_lost(&next, published, cursor.through);
         if empty || pruned {
             self.resync(client, cursor).await?;
         }
