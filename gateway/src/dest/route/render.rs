@@ -66,10 +66,10 @@ pub(super) fn set<'a>(entries: &mut Entries<'a>, key: &'a str, node: Node<'a>) {
 
 /// The entries of an agent map as a JSON object has them: one per key, the last
 /// value of a repeated key, sorted by key.
-pub(super) fn agent_entries<'a>(
-    map: &'a AgentMap,
+pub(super) fn agent_entries(
+    map: &AgentMap,
     mut keep: impl FnMut(&str) -> bool,
-) -> Vec<(&'a str, &'a AgentValue)> {
+) -> Vec<(&str, &AgentValue)> {
     let mut out: Vec<(&str, &AgentValue)> = map.iter().filter(|(k, _)| keep(k)).collect();
     // Stable: among equal keys the original order stays, so the last one is the
     // map's last value.
