@@ -523,10 +523,58 @@ impl Audiences {
         .await
     }
 
+    /// Creates audience states for profiles `1..=n`, for benchmarks that need a
+    /// populated engine (1M profiles take seconds): each has one occurrence of track
+    /// event `event` at `at_ms` for every `did` clause it matches, and customer id
+    /// `seed-<p>` as [`Profiles::bulk_seed`] names them; memberships are evaluated at
+    /// now. Call before [`Audiences::run`]: it writes beside the engine, not through
+    /// it. Blocking.
+    pub fn bulk_seed(&self, n: u64, event: &str, at_ms: i64) -> Result<(), StoreError> {
+        const CHUNK: u64 = 50_000;
+        let inner = &self.inner;
+        let mut marks = inner
+            .writer
+            .try_lock()
+            .map_err(|_| StoreError::Storage("bulk_seed: the engine is running".into()))?;
+        let mut e = edge_agent::model::Event::new(
+            edge_agent::model::EventKind::Track,
+            edge_agent::model::Source::Segment,
+            at_ms,
+        );
+        e.name = Some(event.to_owned());
+        let now = inner.now();
+        let mut p = 1;
+        while p <= n {
+            let txn = inner.begin()?;
+            let mut w = Writes::new(&txn, marks.clone())?;
+            for pid in p..=n.min(p + CHUNK - 1) {
+                let mut state = AudState {
+                    identities: vec![("customer_id".into(), format!("seed-{pid}"))],
+                    ..AudState::default()
+                };
+                inner.model.record(&mut state, &e, at_ms, now);
+                let (changes, next_due) = inner.model.evaluate(&mut state, now);
+                for c in changes {
+                    w.change(pid, &state, c, now)?;
+                }
+                w.put(pid, &state, next_due)?;
+            }
+            w.marks.now_high = w.marks.now_high.max(now);
+            // Evaluated with these definitions: no full sweep needed.
+            w.marks.fingerprint = inner.model.fingerprint();
+            let new = w.finish(&txn)?;
+            txn.commit().st()?;
+            *marks = new;
+            inner.committed(&marks, None);
+            p = p.saturating_add(CHUNK);
+        }
+        Ok(())
+    }
+
     /// Moves this engine's time forward by `ms` (tests: one engine's clock without
     /// touching the process-wide one).
     #[cfg(test)]
-    fn advance(&self, ms: i64) {
+    pub(crate) fn advance(&self, ms: i64) {
         self.inner.clock_offset.fetch_add(ms, Ordering::Relaxed);
     }
 }

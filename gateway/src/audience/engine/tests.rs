@@ -394,3 +394,40 @@ async fn the_change_log_is_pruned_only_below_every_consumer() {
     }
     assert_eq!(env.audiences.read_changes(0, 10).unwrap()[0].seq, 3);
 }
+
+/// `cargo test --release -p edge-gateway --lib sweep_benchmark -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: prints the time of a sweep over 1M profiles and 10 audiences"]
+async fn sweep_benchmark() {
+    let n: u64 = std::env::var("SWEEP_PROFILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    // How many of the 10 audiences every profile enters at the timed sweep (the
+    // others wait for a day): 1 is a busy sweep, 10 the worst case.
+    let entering: u64 = std::env::var("SWEEP_ENTERING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut text = String::from("[gateway]\naudience_sweep = \"1h\"\ncache_size = \"512MiB\"\n");
+    for i in 0..10 {
+        let before = if i < entering { 60 + i } else { 1440 + i };
+        text.push_str(&format!(
+            "[[audiences]]\nname = \"a{i}\"\nwhen = {{ all = [ {{ did = \"Push Sent\", within = \"7d\", before = \"{before}m\" }}, {{ not = {{ did = \"Push Opened\", within = \"7d\" }} }} ] }}\n"
+        ));
+    }
+    let config: GatewayConfig = toml::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let audiences = Audiences::open(&dir.path().join(AUDIENCES_FILE), &config).unwrap();
+    let started = std::time::Instant::now();
+    audiences.bulk_seed(n, "Push Sent", now_ms()).unwrap();
+    println!("seeded {n} profiles in {:?}", started.elapsed());
+    let quiet = audiences.sweep().await.unwrap();
+    println!("sweep with nothing due: {quiet:?}");
+    audiences.advance(2 * HOUR);
+    let report = audiences.sweep().await.unwrap();
+    println!("sweep after 2h (every profile enters {entering} of 10 audiences): {report:?}");
+    assert_eq!(report.changes, n * entering);
+    let again = audiences.sweep().await.unwrap();
+    println!("sweep right after: {again:?}");
+}
