@@ -5,9 +5,10 @@
 //! - [`condition`]: the `when` tree of `[[audiences]]` compiled and checked at start
 //!   (errors name the audience and the clause), evaluated against a profile at a time,
 //!   and explained (which clause failed). Pure.
-//! - Evaluation runs in the profile stage (real time, when a profile changes) and in a
+//! - Evaluation runs in the engine, a consumer of the resolved log after the profile
+//!   stage (real time, when a profile's event arrives), and in a
 //!   scheduled sweep over every profile (conditions that change with time alone).
-//!   Membership lives in `profiles.redb` with entered/left times; every change is
+//!   Membership lives in `audiences.redb` with entered times; every change is
 //!   appended to a change log ([`MembershipChange`]) that outputs read from their own
 //!   cursors.
 //! - [`outputs`]: audience destinations (HTTP add/remove, snapshot files, PostgreSQL
@@ -16,8 +17,8 @@
 //!   durable downlink queue.
 
 pub mod condition;
-pub mod engine;
 pub mod devices;
+pub mod engine;
 pub mod outputs;
 
 use serde::Serialize;

@@ -161,11 +161,33 @@ impl Registry {
     /// Status of every destination, in config order.
     pub fn status(&self) -> Vec<DestinationStatus> {
         let resolved = *self.ctx.profiles.resolved().borrow();
+        let changes = *self.ctx.audiences.changes_head().borrow();
         let now = edge_agent::model::now_ms();
         self.entries
             .iter()
             .map(|e| {
                 let cursor = e.stats.cursor.load(Ordering::Relaxed);
+                // Audience outputs follow the membership change log, not the inbox:
+                // their backlog is changes not yet sent (no age: changes carry none
+                // worth a read here).
+                if e.kind.starts_with("audience_") {
+                    return DestinationStatus {
+                        name: e.name.clone(),
+                        kind: e.kind.to_owned(),
+                        backlog: changes.saturating_sub(cursor),
+                        delivered: e.stats.delivered.load(Ordering::Relaxed),
+                        retries: e.stats.retries.load(Ordering::Relaxed),
+                        dead_letters: outbox::dead_letters::count(&self.ctx.store, &e.name)
+                            .unwrap_or(0),
+                        last_error: e
+                            .stats
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .clone(),
+                        ..DestinationStatus::default()
+                    };
+                }
                 // Inbox seqs are dense, so the distance is the count; events erased
                 // meanwhile are counted until the destination passes them.
                 let backlog = resolved.saturating_sub(cursor);
