@@ -96,6 +96,9 @@ fn the_fanout_example_has_one_destination_of_each_kind() {
         DestinationKind::File,
         DestinationKind::Webhook,
         DestinationKind::Postgres,
+        DestinationKind::AudienceWebhook,
+        DestinationKind::AudienceFile,
+        DestinationKind::AudiencePostgres,
     ] {
         assert!(
             config.destinations.iter().any(|d| d.kind == kind),
@@ -104,4 +107,5 @@ fn the_fanout_example_has_one_destination_of_each_kind() {
     }
     assert!(!config.sources.is_empty());
     assert!(!config.computed.is_empty());
+    assert!(!config.audiences.is_empty() && !config.feeds.is_empty());
 }
