@@ -218,8 +218,21 @@ impl Resolver {
         if idents.is_empty() {
             return Ok(Enrichment::default());
         }
-        let mut found = Vec::with_capacity(idents.len());
+        let mut found: Vec<Option<u64>> = Vec::with_capacity(idents.len());
         for id in &idents {
+            // An identifier a profile found so far holds is linked to that profile
+            // (invariant 1 of `db`, kept by the cache too): no lookup. Most events
+            // carry identifiers of one profile, so this saves all lookups but one.
+            let held = found.iter().flatten().copied().find(|p| {
+                cache
+                    .profiles
+                    .get(p)
+                    .is_some_and(|pr| pr.has_identity(id.ty, &id.value))
+            });
+            if held.is_some() {
+                found.push(held);
+                continue;
+            }
             let mut p = cache.lookup(t, id.ty, &id.value)?;
             // A link to a missing profile (a damaged file) counts as no link; the
             // identifier is linked afresh below, which repairs it.
