@@ -377,7 +377,10 @@ impl Gateway {
             let text = read_rotating(&f);
             // The destination may be mid-write: a last line without its newline is
             // not delivered yet.
-            for l in text.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')) {
+            for l in text
+                .split_inclusive('\n')
+                .filter_map(|l| l.strip_suffix('\n'))
+            {
                 lines.push(
                     serde_json::from_str(l)
                         .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", f.display())),

@@ -138,7 +138,10 @@ fn a_long_storm_of_503s_then_recovery_delivers_everything_once() {
     assert!(twice.is_empty(), "accepted more than once: {twice:?}");
     for r in server.accepted() {
         let body = r.json();
-        assert_eq!(key_of(&body["messageId"]), r.header("idempotency-key").unwrap());
+        assert_eq!(
+            key_of(&body["messageId"]),
+            r.header("idempotency-key").unwrap()
+        );
         assert_eq!(r.header("authorization"), Some("Bearer s3cret"));
         assert_eq!(r.header("content-type"), Some("application/json"));
         assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/in"));
@@ -293,7 +296,10 @@ fn a_refused_event_goes_to_the_dead_letters_and_is_replayed_after_a_config_fix()
             l["reason"].as_str().unwrap().contains("X-Api-Version"),
             "{l}"
         );
-        assert_eq!(key_of(&l["body"]["messageId"]), l["event_id"].as_str().unwrap());
+        assert_eq!(
+            key_of(&l["body"]["messageId"]),
+            l["event_id"].as_str().unwrap()
+        );
     }
     // Refused, not stuck: the destination moves on, and a refusal is not retried.
     let moved_on = || {
@@ -392,7 +398,10 @@ fn a_destination_allowed_customer_id_and_ltv_receives_exactly_those() {
             ("track", Some("Play"))
         };
         let key = body["messageId"].as_str().unwrap();
-        assert_eq!(r.header("idempotency-key"), Some(key_of(&body["messageId"]).as_str()));
+        assert_eq!(
+            r.header("idempotency-key"),
+            Some(key_of(&body["messageId"]).as_str())
+        );
         let event = name
             .map(|n| format!("\"event\":\"{n}\","))
             .unwrap_or_default();

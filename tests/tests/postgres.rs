@@ -158,7 +158,10 @@ fn agent_events_become_rows_exactly_once_with_their_fields_and_profiles() {
         "received_at column"
     );
     // The body keeps the app's own messageId; the row's key is the event id.
-    assert_eq!(row.get::<_, Option<String>>(7).as_deref(), Some("pg-e2e-742"));
+    assert_eq!(
+        row.get::<_, Option<String>>(7).as_deref(),
+        Some("pg-e2e-742")
+    );
     assert!(row.get::<_, Option<i64>>(8).is_some(), "profile_id filled");
 
     // Profile snapshots: every profile an event resolved to has its row, and the
