@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use edge_tests::bench::{
-    free_addr, machine_delta, machine_ticks, mib, print_table, proc_status_kib, row, thousands,
-    Conn, Daemon, Request, Response, Row, WRITE_KEY,
+    cpu_time, free_addr, machine_delta, machine_ticks, mib, print_table, proc_status_kib, row,
+    thousands, Conn, Daemon, Request, Response, Row, WRITE_KEY,
 };
 
 /// Targets.
@@ -503,23 +503,51 @@ fn binary(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The machine's busy share over a phase and the load average, for the report.
+/// The machine's CPU over a phase: its busy share, what our processes (the gateway,
+/// the agent, this one) used, what everything else used, and the load average.
 struct Machine {
     ticks: Option<(u64, u64, u64)>,
+    pids: Vec<u32>,
+    ours: Option<Duration>,
+    start: Instant,
+}
+
+fn cpu_of(pids: &[u32]) -> Option<Duration> {
+    let mut sum = cpu_time("self")?;
+    for pid in pids {
+        sum += cpu_time(&pid.to_string())?;
+    }
+    Some(sum)
 }
 
 impl Machine {
-    fn start() -> Self {
+    fn start(pids: &[u32]) -> Self {
         Machine {
             ticks: machine_ticks(),
+            pids: pids.to_vec(),
+            ours: cpu_of(pids),
+            start: Instant::now(),
         }
     }
 
     fn finish(self) -> String {
-        let (text, _) = machine_delta(self.ticks, machine_ticks(), None);
+        let ours = match (self.ours, cpu_of(&self.pids)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let (text, _) = machine_delta(self.ticks, machine_ticks(), ours);
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let load: Vec<&str> = load.split_whitespace().take(3).collect();
-        format!("{text}; load average {}", load.join(" "))
+        let ours = ours.map_or("n/a".into(), |d| {
+            format!(
+                "{:.0}% of one core",
+                100.0 * d.as_secs_f64() / self.start.elapsed().as_secs_f64().max(1e-9)
+            )
+        });
+        format!(
+            "{text}; gateway+agent+audbench: {ours}; load average {}",
+            load.join(" ")
+        )
     }
 }
 
@@ -675,7 +703,7 @@ async fn latency_run(
     );
 
     let mut lat = Latency::default();
-    let machine = Machine::start();
+    let machine = Machine::start(&[agent.pid, gw.pid]);
     let mut poll = Conn::new(agent_addr);
     for i in 0..n {
         let u = user_id(i);
@@ -890,7 +918,7 @@ fn dir_size(path: &Path) -> u64 {
 
 async fn sweep_phase(bench: &Bench) -> Result<SweepPhase> {
     let (mut gw, _mqtt, http) = bench.gateway("sweep", SWEEP_CONFIG).await?;
-    let result = sweep_run(bench, http).await;
+    let result = sweep_run(bench, http, gw.pid).await;
     if result.is_err() {
         println!("gateway log tail:\n{}", gw.log_tail());
     }
@@ -901,10 +929,10 @@ async fn sweep_phase(bench: &Bench) -> Result<SweepPhase> {
     Ok(phase)
 }
 
-async fn sweep_run(bench: &Bench, gateway: SocketAddr) -> Result<SweepPhase> {
+async fn sweep_run(bench: &Bench, gateway: SocketAddr, gateway_pid: u32) -> Result<SweepPhase> {
     let p = bench.args.profiles;
     let mut phase = SweepPhase::default();
-    let machine = Machine::start();
+    let machine = Machine::start(&[gateway_pid]);
     let t0 = Instant::now();
     let lanes: Vec<_> = (0..SWEEP_CONNECTIONS)
         .map(|lane| tokio::spawn(ingest_lane(gateway, lane, p)))
@@ -975,7 +1003,7 @@ async fn sweep_run(bench: &Bench, gateway: SocketAddr) -> Result<SweepPhase> {
     );
     println!("      sizes: {}", sizes(gateway).await?);
 
-    let machine = Machine::start();
+    let machine = Machine::start(&[gateway_pid]);
     for (by, label) in [
         (Some("2h"), "+2h (before 1h due, within 1h expires)"),
         (Some("8d"), "+8d more (every 7d window expires)"),
