@@ -216,6 +216,17 @@ impl Audiences {
         shutdown: CancellationToken,
     ) {
         let inner = &self.inner;
+        if inner.model.is_empty() {
+            // No audiences: nothing to evaluate per event, so the engine does not read
+            // the log at all (it would be one more full reader of every event). One
+            // sweep lets memberships of audiences since removed from the config leave.
+            if let Err(e) = self.sweep_now().await {
+                warn!(error = %e, "Audience sweep at start failed.");
+            }
+            store.set_done(STAGE_NAME, u64::MAX);
+            shutdown.cancelled().await;
+            return;
+        }
         store.set_done(STAGE_NAME, inner.cursor.load(Ordering::Relaxed));
         let mut resolved = profiles.resolved();
         // The first sweep runs at once: time passed while the gateway was down, and

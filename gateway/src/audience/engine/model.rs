@@ -149,6 +149,11 @@ pub(super) struct Model {
 }
 
 impl Model {
+    /// No audiences are configured.
+    pub(super) fn is_empty(&self) -> bool {
+        self.audiences.is_empty()
+    }
+
     /// Compiles `configs` (in config order).
     pub fn new(configs: &[AudienceConfig]) -> Result<Model, ConditionError> {
         let audiences = configs
