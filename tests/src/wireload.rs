@@ -87,9 +87,17 @@ pub struct DeviceConfig {
 pub enum Plan {
     /// One identify event for each user in `first..end`, then done.
     Seed { first: u64, end: u64 },
-    /// Events for users drawn uniformly from `0..users` until [`Control::stop`]: one
-    /// in `identify_every` is an identify, the rest are tracks.
-    Mix { users: u64, identify_every: usize },
+    /// Events until [`Control::stop`], each for user `r * stride` with `r` drawn
+    /// uniformly from `0..users`: `users` distinct users, every `stride`-th one
+    /// (stride 1: users `0..users`; 0 is taken as 1). One event in `identify_every`
+    /// is an identify, the rest are tracks. A user is the same person as in
+    /// [`Plan::Seed`] (same customer id, anonymous id and email), so a mix whose
+    /// `(users - 1) * stride` is below a seed's `end` only has users that seed made.
+    Mix {
+        users: u64,
+        stride: u64,
+        identify_every: usize,
+    },
 }
 
 /// Counters of all devices of a run, read by the benchmark while it runs.
@@ -451,7 +459,10 @@ impl EventGen {
                     self.seed_next += 1;
                     self.seed_next - 1
                 }
-                Plan::Mix { users, .. } => self.rng.random_range(0..users.max(1)),
+                Plan::Mix { users, stride, .. } => self
+                    .rng
+                    .random_range(0..users.max(1))
+                    .saturating_mul(stride.max(1)),
             };
             e.id = self.next_id();
             e.seq = Seq(first_seq + i as u64);
@@ -766,6 +777,7 @@ mod tests {
             "load-1",
             Plan::Mix {
                 users: 3,
+                stride: 1,
                 identify_every: 4,
             },
             8,
@@ -792,6 +804,64 @@ mod tests {
             }
         }
         assert_eq!(anon.len(), 3, "users drawn from 0..3");
+        let expected: std::collections::HashSet<String> = (0..3).map(customer_id).collect();
+        assert_eq!(
+            anon.keys()
+                .cloned()
+                .collect::<std::collections::HashSet<_>>(),
+            expected
+        );
         assert_eq!(kinds, (40, 120));
+    }
+
+    /// The customer id, anonymous id and email (identifies only) of each event of
+    /// `frame`.
+    fn identities(frame: &[u8]) -> Vec<(String, String, Option<String>)> {
+        let b = wire::decode_batch(frame, wire::DEFAULT_MAX_FRAME).unwrap();
+        b.events
+            .iter()
+            .map(|e| {
+                (
+                    e.identities.user_id.clone().unwrap(),
+                    e.identities.anonymous_id.clone().unwrap(),
+                    e.traits.get_str("email").map(str::to_owned),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mix_with_a_stride_draws_every_stride_th_user_as_the_seed_made_them() {
+        let mut seed = EventGen::new("load-1", Plan::Seed { first: 0, end: 30 }, 30);
+        let seeded: std::collections::HashMap<String, (String, Option<String>)> =
+            identities(&seed.frame(1, 1, 30).unwrap())
+                .into_iter()
+                .map(|(user, anon, email)| (user, (anon, email)))
+                .collect();
+        let mut g = EventGen::new(
+            "load-1",
+            Plan::Mix {
+                users: 3,
+                stride: 10,
+                identify_every: 4,
+            },
+            8,
+        );
+        let mut drawn = std::collections::HashSet::new();
+        for round in 0..20u64 {
+            for (user, anon, email) in identities(&g.frame(1, 1 + round * 8, 8).unwrap()) {
+                let Some((seed_anon, seed_email)) = seeded.get(&user) else {
+                    panic!("{user} is not one of the seed's users");
+                };
+                assert_eq!(&anon, seed_anon, "the seed's anonymous id of {user}");
+                if email.is_some() {
+                    assert_eq!(&email, seed_email, "the seed's email of {user}");
+                }
+                drawn.insert(user);
+            }
+        }
+        let expected: std::collections::HashSet<String> =
+            [0, 10, 20].into_iter().map(customer_id).collect();
+        assert_eq!(drawn, expected, "users drawn from {{0, 10, 20}}");
     }
 }
