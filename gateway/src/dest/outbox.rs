@@ -526,7 +526,7 @@ impl<S: Sink> Driver<S> {
     fn routed_for<'a>(
         &self,
         events: &'a [Rendered],
-    ) -> Result<Vec<(Routed, &'a Rendered)>, StoreError> {
+    ) -> Result<Vec<(Arc<Routed>, &'a Rendered)>, StoreError> {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return Ok(Vec::new());
         };

@@ -8,19 +8,22 @@
 //! attach — all with its cursor in one commit.
 //!
 //! Destinations read [`Profiles::read_routed`]: inbox records up to the resolved head,
-//! each with its enrichment. Erased profiles' events are gone from both.
+//! each with its enrichment. Erased profiles' events are gone from both. Readers that
+//! keep up get them from memory (`tail`), decoded once by the stage.
 //!
 //! - `identity`: which identifiers an event carries, and the resolution rules (pure).
 //! - `profile`: the stored profile, one event's effect on it, merging two (pure).
 //! - `computed`: computed attribute state, windows as time buckets (pure).
 //! - `stage`: the resolver task (the only writer), erase, bulk seeding.
 //! - `db`: tables and encodings of `profiles.redb`.
+//! - `tail`: the newest resolved groups in memory, for readers that keep up.
 
 mod computed;
 mod db;
 mod identity;
 mod profile;
 mod stage;
+mod tail;
 #[cfg(test)]
 mod tests;
 
@@ -88,7 +91,8 @@ pub struct RoutedPage {
     /// Every inbox seq up to here was looked at (events erased meanwhile are skipped):
     /// the cursor to save once `events` are delivered.
     pub through: u64,
-    pub events: Vec<Routed>,
+    /// Shared with the stage's in-memory tail and other readers.
+    pub events: Vec<Arc<Routed>>,
 }
 
 /// A profile as the admin API shows it.
@@ -135,6 +139,8 @@ struct Shared {
     allow: Vec<String>,
     /// Highest inbox seq resolved and committed.
     resolved: watch::Sender<u64>,
+    /// The newest resolved groups (see `tail`).
+    tail: Mutex<tail::Tail>,
 }
 
 /// Handle to the profile store and its stage.
@@ -173,6 +179,7 @@ impl Profiles {
                 specs: config.computed.iter().map(Spec::new).collect(),
                 allow,
                 resolved: watch::channel(cursor).0,
+                tail: Mutex::new(tail::Tail::new(tail::TAIL_EVENTS)),
             }),
             erase_tx,
             erase_rx: Mutex::new(Some(erase_rx)),
@@ -212,6 +219,15 @@ impl Profiles {
                 events: Vec::new(),
             });
         }
+        let cached = self
+            .shared
+            .tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read(after, max);
+        if let Some(page) = cached {
+            return Ok(page);
+        }
         let records = store.read_inbox(after, max)?;
         let read_all = records.len() < max || records.last().is_some_and(|(s, _)| *s > head);
         let r = self.shared.db.begin_read().st()?;
@@ -228,11 +244,11 @@ impl Profiles {
             // No row: the event was erased after it was resolved.
             if let Some(v) = enriched.get(seq).st()? {
                 let enrichment = db::decode_enrichment(seq, v.value())?;
-                page.events.push(Routed {
+                page.events.push(Arc::new(Routed {
                     seq,
                     record,
                     enrichment,
-                });
+                }));
             }
         }
         if read_all {
