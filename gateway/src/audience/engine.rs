@@ -228,7 +228,9 @@ impl Audiences {
             return;
         }
         store.set_done(STAGE_NAME, inner.cursor.load(Ordering::Relaxed));
-        let mut resolved = profiles.resolved();
+        // Profiles are read as of the events evaluated: only flushed ones (see
+        // `profiles::stage`).
+        let mut resolved = profiles.flushed();
         // The first sweep runs at once: time passed while the gateway was down, and
         // changed definitions need every profile evaluated again.
         let mut next_sweep = Instant::now();
@@ -605,7 +607,8 @@ fn process_group(
     profiles: &Profiles,
     marks: &mut Marks,
 ) -> Result<(), StoreError> {
-    let page = profiles.read_routed(store, marks.cursor, GROUP_MAX)?;
+    let flushed = *profiles.flushed().borrow();
+    let page = profiles.read_routed_until(store, marks.cursor, GROUP_MAX, flushed)?;
     if page.through <= marks.cursor {
         return Ok(());
     }

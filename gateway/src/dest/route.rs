@@ -475,7 +475,7 @@ mod tests {
         c.exclude_senders = vec!["feed:push".into()];
         let tool = Route::new(&c);
         let mut from_feed = purchase();
-        from_feed.record.sender = DeviceId("feed:push".into());
+        std::sync::Arc::make_mut(&mut from_feed.record).sender = DeviceId("feed:push".into());
         assert!(tool.render(&from_feed).is_none());
         assert!(
             tool.render(&purchase()).is_some(),
@@ -509,12 +509,12 @@ mod tests {
         e.consent.granted = vec!["analytics".into(), "advertising".into()];
         Routed {
             seq: 7,
-            record: InboxRecord {
+            record: std::sync::Arc::new(InboxRecord {
                 sender: DeviceId("roku-1".into()),
                 received_ms: T + 50,
                 corrected_timestamp_ms: T,
                 event: e,
-            },
+            }),
             enrichment: Enrichment {
                 profile_id: 3,
                 identities: vec![
@@ -559,7 +559,8 @@ mod tests {
     #[test]
     fn an_attribute_missing_from_the_event_is_attached_from_the_profile() {
         let r = route("identities = [\"customer_id\"]\nattributes = [\"ltv\"]\ncontext = false");
-        let routed = with(|r| r.record.event.traits = AgentMap::new());
+        let routed =
+            with(|r| std::sync::Arc::make_mut(&mut r.record).event.traits = AgentMap::new());
         let body = r.render(&routed).unwrap();
         assert_eq!(body["traits"], json!({ "ltv": 120.5 }));
     }
@@ -568,8 +569,11 @@ mod tests {
     fn identities_missing_from_the_event_come_from_the_profile() {
         let r = route("identities = [\"customer_id\", \"email\"]\ncontext = false");
         let routed = with(|r| {
-            r.record.event.identities.user_id = None;
-            r.record.event.traits = AgentMap::new();
+            std::sync::Arc::make_mut(&mut r.record)
+                .event
+                .identities
+                .user_id = None;
+            std::sync::Arc::make_mut(&mut r.record).event.traits = AgentMap::new();
         });
         let body = r.render(&routed).unwrap();
         assert_eq!(body["userId"], "c-1");
@@ -649,11 +653,12 @@ mod tests {
     fn event_types_filter_with_agent_kinds_counting_as_track() {
         let r = route("event_types = [\"track\"]");
         assert!(r.render(&purchase()).is_some());
-        let commerce = with(|r| r.record.event.kind = EventKind::Commerce);
+        let commerce =
+            with(|r| std::sync::Arc::make_mut(&mut r.record).event.kind = EventKind::Commerce);
         assert!(r.render(&commerce).is_some());
         let identify = with(|r| {
-            r.record.event.kind = EventKind::Identify;
-            r.record.event.name = None;
+            std::sync::Arc::make_mut(&mut r.record).event.kind = EventKind::Identify;
+            std::sync::Arc::make_mut(&mut r.record).event.name = None;
         });
         assert!(r.render(&identify).is_none());
         assert!(route("event_types = [\"identify\"]")
@@ -675,15 +680,15 @@ mod tests {
             .render(&purchase())
             .is_none());
         let identify = with(|r| {
-            r.record.event.kind = EventKind::Identify;
-            r.record.event.name = None;
+            std::sync::Arc::make_mut(&mut r.record).event.kind = EventKind::Identify;
+            std::sync::Arc::make_mut(&mut r.record).event.name = None;
         });
         assert!(route("event_names = [\"Purchase\"]")
             .render(&identify)
             .is_none());
         let session = with(|r| {
-            r.record.event.kind = EventKind::SessionStart;
-            r.record.event.name = None;
+            std::sync::Arc::make_mut(&mut r.record).event.kind = EventKind::SessionStart;
+            std::sync::Arc::make_mut(&mut r.record).event.name = None;
         });
         assert!(route("event_names = [\"session_start\"]")
             .render(&session)
@@ -694,7 +699,12 @@ mod tests {
     fn a_required_purpose_must_be_in_the_events_snapshot() {
         let r = route("require_purposes = [\"advertising\"]");
         assert!(r.render(&purchase()).is_some());
-        let denied = with(|r| r.record.event.consent.granted = vec!["analytics".into()]);
+        let denied = with(|r| {
+            std::sync::Arc::make_mut(&mut r.record)
+                .event
+                .consent
+                .granted = vec!["analytics".into()]
+        });
         assert!(r.render(&denied).is_none());
     }
 
@@ -722,7 +732,10 @@ mod tests {
         assert!(r.render(&earlier).is_some());
         // A later grant cannot add what the event's snapshot lacked.
         let widened = with(|r| {
-            r.record.event.consent.granted = vec![];
+            std::sync::Arc::make_mut(&mut r.record)
+                .event
+                .consent
+                .granted = vec![];
             r.enrichment.consent.granted = vec!["advertising".into()];
             r.enrichment.consent.updated_ms = T + 1;
         });
@@ -735,7 +748,7 @@ mod tests {
     fn awkward() -> Vec<Routed> {
         let mut out = vec![purchase()];
         out.push(with(|r| {
-            let e = &mut r.record.event;
+            let e = &mut std::sync::Arc::make_mut(&mut r.record).event;
             e.message_id = Some("app-\"1\"\n\u{1}é".into());
             e.properties = map(
                 r#"{"z":{"b":1,"a":[{"y":1,"x":2},[]]},"m":1.5,"n":null,"big":18446744073709551615,"neg":-3,"Z":true,"a":"x","a":"y"}"#,
@@ -747,7 +760,7 @@ mod tests {
             );
         }));
         out.push(with(|r| {
-            let e = &mut r.record.event;
+            let e = &mut std::sync::Arc::make_mut(&mut r.record).event;
             e.kind = EventKind::Identify;
             e.name = None;
             e.traits = AgentMap::new();
@@ -766,7 +779,7 @@ mod tests {
             ];
         }));
         out.push(with(|r| {
-            let e = &mut r.record.event;
+            let e = &mut std::sync::Arc::make_mut(&mut r.record).event;
             e.kind = EventKind::Page;
             e.name = Some("Home".into());
             e.context = AgentMap::new();
@@ -775,7 +788,7 @@ mod tests {
             e.identities.previous_id = Some("p".into());
         }));
         out.push(with(|r| {
-            let e = &mut r.record.event;
+            let e = &mut std::sync::Arc::make_mut(&mut r.record).event;
             e.kind = EventKind::SessionStart;
             e.name = None;
             e.context = map(
@@ -828,7 +841,12 @@ mod tests {
     fn a_sale_destination_gets_nothing_from_ccpa_opt_outs() {
         let sale = route("sale = true");
         let not_sale = route("");
-        let opted = with(|r| r.record.event.consent.ccpa_opt_out = true);
+        let opted = with(|r| {
+            std::sync::Arc::make_mut(&mut r.record)
+                .event
+                .consent
+                .ccpa_opt_out = true
+        });
         assert!(sale.render(&opted).is_none());
         assert!(not_sale.render(&opted).is_some());
         let later = with(|r| {

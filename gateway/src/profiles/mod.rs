@@ -81,7 +81,8 @@ pub struct Enrichment {
 pub struct Routed {
     /// Inbox seq.
     pub seq: u64,
-    pub record: InboxRecord,
+    /// Shared with the inbox's in-memory tail and other readers.
+    pub record: Arc<InboxRecord>,
     pub enrichment: Enrichment,
 }
 
@@ -139,6 +140,8 @@ struct Shared {
     allow: Vec<String>,
     /// Highest inbox seq resolved and committed.
     resolved: watch::Sender<u64>,
+    /// Highest inbox seq whose profile changes are in the file (see `stage`).
+    flushed: watch::Sender<u64>,
     /// The newest resolved groups (see `tail`).
     tail: Mutex<tail::Tail>,
 }
@@ -155,6 +158,8 @@ pub struct Profiles {
 impl Profiles {
     /// Opens (creating or recovering) `profiles.redb` at `path`.
     pub fn open(path: &Path, config: &GatewayConfig) -> Result<Self, StoreError> {
+        // The whole page cache budget: profile writes touch pages all over the file,
+        // while the inbox store mostly appends and is read from memory.
         let cache = usize::try_from(config.gateway.cache_size.0).unwrap_or(usize::MAX);
         let db = db::open(path, cache)?;
         let cursor = {
@@ -179,6 +184,7 @@ impl Profiles {
                 specs: config.computed.iter().map(Spec::new).collect(),
                 allow,
                 resolved: watch::channel(cursor).0,
+                flushed: watch::channel(cursor).0,
                 tail: Mutex::new(tail::Tail::new(tail::TAIL_EVENTS)),
             }),
             erase_tx,
@@ -205,6 +211,12 @@ impl Profiles {
         self.shared.resolved.subscribe()
     }
 
+    /// Watches the highest inbox seq whose profile changes are readable: profiles
+    /// ([`Profiles::get`], [`Profiles::lookup`]) reflect every event up to it.
+    pub fn flushed(&self) -> watch::Receiver<u64> {
+        self.shared.flushed.subscribe()
+    }
+
     /// Up to `max` resolved records after inbox seq `after`, with their enrichment.
     pub fn read_routed(
         &self,
@@ -213,6 +225,19 @@ impl Profiles {
         max: usize,
     ) -> Result<RoutedPage, StoreError> {
         let head = *self.shared.resolved.borrow();
+        self.read_routed_until(store, after, max, head)
+    }
+
+    /// [`Profiles::read_routed`] up to inbox seq `until` at most (a reader that must
+    /// not run ahead of [`Profiles::flushed`]).
+    pub fn read_routed_until(
+        &self,
+        store: &Store,
+        after: u64,
+        max: usize,
+        until: u64,
+    ) -> Result<RoutedPage, StoreError> {
+        let head = until.min(*self.shared.resolved.borrow());
         if after >= head || max == 0 {
             return Ok(RoutedPage {
                 through: after,
@@ -224,7 +249,7 @@ impl Profiles {
             .tail
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .read(after, max);
+            .read(after, max, head);
         if let Some(page) = cached {
             return Ok(page);
         }
@@ -246,7 +271,7 @@ impl Profiles {
                 let enrichment = db::decode_enrichment(seq, v.value())?;
                 page.events.push(Arc::new(Routed {
                     seq,
-                    record,
+                    record: Arc::new(record),
                     enrichment,
                 }));
             }

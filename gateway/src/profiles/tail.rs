@@ -18,7 +18,7 @@ use super::{Routed, RoutedPage};
 
 /// Most resolved events kept. Destinations at full speed trail the stage by a few
 /// thousand events (fan-out benchmark: 4,000–8,000); a decoded event is about 2 KiB.
-pub const TAIL_EVENTS: usize = 24_000;
+pub const TAIL_EVENTS: usize = 8_000;
 
 /// Resolved inbox seqs `(after, through]`: `events` are those still in the inbox
 /// (records erased before resolution are simply absent), in seq order.
@@ -68,12 +68,12 @@ impl Tail {
         self.events = 0;
     }
 
-    /// Up to `max` events after seq `after`, when the tail covers `after`; `None`
-    /// sends the reader to redb.
-    pub fn read(&self, after: u64, max: usize) -> Option<RoutedPage> {
+    /// Up to `max` events after seq `after` and at most `head`, when the tail covers
+    /// `after`; `None` sends the reader to redb.
+    pub fn read(&self, after: u64, max: usize, head: u64) -> Option<RoutedPage> {
         let first = self.groups.front()?;
         let last = self.groups.back()?;
-        if after < first.after || after >= last.through || max == 0 {
+        if after < first.after || after >= last.through || after >= head || max == 0 {
             return None;
         }
         let start = self.groups.partition_point(|g| g.through <= after);
@@ -82,8 +82,12 @@ impl Tail {
             events: Vec::with_capacity(max.min(self.events)),
         };
         for group in self.groups.range(start..) {
+            if group.after >= head {
+                break;
+            }
             let from = group.events.partition_point(|e| e.seq <= after);
-            let rest = group.events.get(from..).unwrap_or_default();
+            let to = group.events.partition_point(|e| e.seq <= head);
+            let rest = group.events.get(from..to).unwrap_or_default();
             let room = max - page.events.len();
             if rest.len() > room {
                 page.events.extend(rest.iter().take(room).cloned());
@@ -91,7 +95,7 @@ impl Tail {
                 return Some(page);
             }
             page.events.extend(rest.iter().cloned());
-            page.through = group.through;
+            page.through = group.through.min(head);
             if page.events.len() == max {
                 break;
             }
@@ -116,12 +120,12 @@ mod tests {
                 .map(|&seq| {
                     Arc::new(Routed {
                         seq,
-                        record: InboxRecord {
+                        record: std::sync::Arc::new(InboxRecord {
                             sender: DeviceId("tv-1".into()),
                             received_ms: 0,
                             corrected_timestamp_ms: 0,
                             event: Event::new(EventKind::Track, Source::Segment, 0),
-                        },
+                        }),
                         enrichment: Enrichment::default(),
                     })
                 })
@@ -139,24 +143,36 @@ mod tests {
         t.push(group(0, 3, &[1, 2, 3]));
         // Seq 5 was erased before it was resolved; 7 is the head past the last record.
         t.push(group(3, 7, &[4, 6]));
-        let p = t.read(0, 10).expect("covered");
+        let p = t.read(0, 10, u64::MAX).expect("covered");
         assert_eq!((seqs(&p), p.through), (vec![1, 2, 3, 4, 6], 7));
-        let p = t.read(2, 2).expect("covered");
+        let p = t.read(2, 2, u64::MAX).expect("covered");
         assert_eq!((seqs(&p), p.through), (vec![3, 4], 4));
-        let p = t.read(3, 2).expect("covered");
+        let p = t.read(3, 2, u64::MAX).expect("covered");
         assert_eq!((seqs(&p), p.through), (vec![4, 6], 7));
-        let p = t.read(6, 10).expect("covered");
+        let p = t.read(6, 10, u64::MAX).expect("covered");
         assert_eq!((seqs(&p), p.through), (vec![], 7));
+    }
+
+    #[test]
+    fn a_reader_capped_at_a_head_stops_there() {
+        let mut t = Tail::new(100);
+        t.push(group(0, 3, &[1, 2, 3]));
+        t.push(group(3, 7, &[4, 6]));
+        let p = t.read(0, 10, 3).expect("covered");
+        assert_eq!((seqs(&p), p.through), (vec![1, 2, 3], 3));
+        let p = t.read(0, 10, 5).expect("covered");
+        assert_eq!((seqs(&p), p.through), (vec![1, 2, 3, 4], 5));
+        assert!(t.read(3, 10, 3).is_none(), "nothing after the head");
     }
 
     #[test]
     fn readers_outside_the_tail_go_to_redb() {
         let mut t = Tail::new(100);
-        assert!(t.read(0, 10).is_none());
+        assert!(t.read(0, 10, u64::MAX).is_none());
         t.push(group(10, 12, &[11, 12]));
-        assert!(t.read(9, 10).is_none(), "behind the oldest group");
-        assert!(t.read(12, 10).is_none(), "at the head");
-        assert!(t.read(10, 0).is_none());
+        assert!(t.read(9, 10, u64::MAX).is_none(), "behind the oldest group");
+        assert!(t.read(12, 10, u64::MAX).is_none(), "at the head");
+        assert!(t.read(10, 0, u64::MAX).is_none());
     }
 
     #[test]
@@ -165,12 +181,15 @@ mod tests {
         t.push(group(0, 2, &[1, 2]));
         t.push(group(2, 4, &[3, 4]));
         t.push(group(4, 6, &[5, 6]));
-        assert!(t.read(0, 10).is_none());
-        assert_eq!(seqs(&t.read(2, 10).expect("kept")), vec![3, 4, 5, 6]);
+        assert!(t.read(0, 10, u64::MAX).is_none());
+        assert_eq!(
+            seqs(&t.read(2, 10, u64::MAX).expect("kept")),
+            vec![3, 4, 5, 6]
+        );
         t.push(group(9, 10, &[10]));
-        assert!(t.read(4, 10).is_none());
-        assert_eq!(seqs(&t.read(9, 10).expect("kept")), vec![10]);
+        assert!(t.read(4, 10, u64::MAX).is_none());
+        assert_eq!(seqs(&t.read(9, 10, u64::MAX).expect("kept")), vec![10]);
         t.clear();
-        assert!(t.read(9, 10).is_none());
+        assert!(t.read(9, 10, u64::MAX).is_none());
     }
 }

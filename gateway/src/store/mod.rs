@@ -21,6 +21,7 @@
 //! [`SOURCE_DEDUP_WINDOW`].
 
 mod dedup;
+mod tail;
 
 use std::any::Any;
 use std::path::Path;
@@ -207,6 +208,8 @@ struct Shared {
     head: watch::Sender<u64>,
     /// Per destination: inbox seqs it no longer needs.
     done: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The newest committed records, decoded (see `tail`).
+    tail: Mutex<tail::InboxTail>,
 }
 
 /// Handle to the store.
@@ -258,6 +261,7 @@ impl Store {
             db,
             head: watch::channel(head).0,
             done: Mutex::new(done),
+            tail: Mutex::new(tail::InboxTail::new(tail::INBOX_TAIL_EVENTS)),
         });
         let (tx, rx) = mpsc::channel(STORE_QUEUE_DEPTH);
         let writer_shared = Arc::clone(&shared);
@@ -421,6 +425,33 @@ impl Store {
         Ok(out)
     }
 
+    /// [`Store::read_inbox`] for the profile stage, which reads the inbox in order:
+    /// records still in memory since their commit come from there, shared, without
+    /// decoding; records up to `after` leave memory.
+    pub fn read_inbox_shared(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Arc<InboxRecord>)>, StoreError> {
+        let kept = {
+            let mut tail = self
+                .shared
+                .tail
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            tail.release(after);
+            tail.read(after, max)
+        };
+        match kept {
+            Some(records) => Ok(records),
+            None => Ok(self
+                .read_inbox(after, max)?
+                .into_iter()
+                .map(|(seq, r)| (seq, Arc::new(r)))
+                .collect()),
+        }
+    }
+
     /// Watches the newest committed inbox seq.
     pub fn head(&self) -> watch::Receiver<u64> {
         self.shared.head.subscribe()
@@ -532,6 +563,10 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
     let mut replies = Vec::with_capacity(group.len());
     let mut waiting: Vec<Command> = Vec::new();
     let mut head = 0;
+    // Records stored by this group, for the tail once committed.
+    let mut fresh = Vec::new();
+    // A write from outside the receive path may have removed inbox records.
+    let mut foreign_write = false;
     let result = (|| -> Result<(), StoreError> {
         let mut txn = shared.db.begin_write().st()?;
         txn.set_durability(Durability::Immediate)
@@ -551,7 +586,7 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
                     events,
                     received_ms,
                     reply,
-                } => match ingest(&txn, &mut next, &sender, events, received_ms) {
+                } => match ingest(&txn, &mut next, &sender, events, received_ms, &mut fresh) {
                     Ok(r) => replies.push(Reply::Ingested(reply, r)),
                     Err(e) => {
                         let _ = reply.send(Err(e.clone()));
@@ -564,7 +599,7 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
                     batch,
                     received_ms,
                     reply,
-                } => match receive(&txn, &mut next, &sender, batch, received_ms) {
+                } => match receive(&txn, &mut next, &sender, batch, received_ms, &mut fresh) {
                     Ok(r) => replies.push(Reply::Receive(reply, r)),
                     Err(e) => {
                         let _ = reply.send(Err(e.clone()));
@@ -594,14 +629,17 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
                         .insert(name, done_through);
                     replies.push(Reply::Saved(reply));
                 }
-                Command::Apply { write, reply } => match write(&txn) {
-                    Ok(v) => replies.push(Reply::Applied(reply, v)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e.clone()));
-                        waiting.extend(group);
-                        return Err(e);
+                Command::Apply { write, reply } => {
+                    foreign_write = true;
+                    match write(&txn) {
+                        Ok(v) => replies.push(Reply::Applied(reply, v)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.clone()));
+                            waiting.extend(group);
+                            return Err(e);
+                        }
                     }
-                },
+                }
                 Command::Stop => {}
             }
         }
@@ -612,6 +650,13 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
     })();
     match result {
         Ok(()) => {
+            {
+                let mut tail = shared.tail.lock().unwrap_or_else(PoisonError::into_inner);
+                if foreign_write {
+                    tail.clear();
+                }
+                tail.extend(fresh);
+            }
             shared.head.send_replace(head);
             for r in replies {
                 match r {
@@ -651,6 +696,7 @@ fn receive(
     sender: &DeviceId,
     batch: UplinkBatch,
     received_ms: i64,
+    fresh: &mut Vec<(u64, Arc<InboxRecord>)>,
 ) -> Result<Receipt, StoreError> {
     let key = format!("{}\0{}", sender.0, batch.lane);
     let mut dedup: LaneDedup = {
@@ -695,6 +741,7 @@ fn receive(
                 let bytes =
                     postcard::to_stdvec(&record).map_err(|e| StoreError::Storage(e.to_string()))?;
                 inbox.insert(*next, bytes.as_slice()).st()?;
+                fresh.push((*next, Arc::new(record)));
                 *next += 1;
                 receipt.stored += 1;
             } else {
@@ -737,6 +784,7 @@ fn ingest(
     sender: &DeviceId,
     events: Vec<Event>,
     received_ms: i64,
+    fresh: &mut Vec<(u64, Arc<InboxRecord>)>,
 ) -> Result<IngestReceipt, StoreError> {
     let mut receipt = IngestReceipt::default();
     {
@@ -768,6 +816,7 @@ fn ingest(
             let bytes =
                 postcard::to_stdvec(&record).map_err(|e| StoreError::Storage(e.to_string()))?;
             inbox.insert(*next, bytes.as_slice()).st()?;
+            fresh.push((*next, Arc::new(record)));
             *next += 1;
             receipt.stored += 1;
         }

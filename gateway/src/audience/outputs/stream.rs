@@ -447,12 +447,12 @@ fn letter_record(destination: &str, call: &Call, key: EventId) -> Routed {
         .collect();
     Routed {
         seq: call.last_seq,
-        record: InboxRecord {
+        record: Arc::new(InboxRecord {
             sender: DeviceId(format!("audience:{destination}")),
             received_ms: now,
             corrected_timestamp_ms: now,
             event,
-        },
+        }),
         enrichment: Enrichment {
             profile_id: members.map(|m| m.0).next().unwrap_or(0),
             identities,

@@ -43,7 +43,7 @@ impl StoredLetter {
             reason: reason.to_owned(),
             body: body.to_owned(),
             seq: routed.seq,
-            record: routed.record.clone(),
+            record: InboxRecord::clone(&routed.record),
             enrichment: routed.enrichment.clone(),
         }
     }
@@ -52,7 +52,7 @@ impl StoredLetter {
     pub fn routed(&self) -> Routed {
         Routed {
             seq: self.seq,
-            record: self.record.clone(),
+            record: std::sync::Arc::new(self.record.clone()),
             enrichment: self.enrichment.clone(),
         }
     }
@@ -251,12 +251,12 @@ mod tests {
         event.id = edge_agent::model::EventId(u128::from(seq));
         Routed {
             seq,
-            record: InboxRecord {
+            record: std::sync::Arc::new(InboxRecord {
                 sender: DeviceId("d".into()),
                 received_ms: 1,
                 corrected_timestamp_ms: 1,
                 event,
-            },
+            }),
             enrichment: Enrichment::default(),
         }
     }
@@ -300,7 +300,10 @@ mod tests {
         let of = |seq: u64, profile: u64, user: &str| {
             let mut r = routed(seq);
             r.enrichment.profile_id = profile;
-            r.record.event.identities.user_id = Some(user.into());
+            std::sync::Arc::make_mut(&mut r.record)
+                .event
+                .identities
+                .user_id = Some(user.into());
             StoredLetter::new(&r, &serde_json::json!({}), "400", 5)
         };
         add(&store, "a", vec![of(1, 7, "ada"), of(2, 8, "bob")])

@@ -4,20 +4,35 @@
 //! transaction together with the new cursor (so a crash at any moment neither loses
 //! nor double-counts an event), then publishes the resolved head.
 //!
-//! Durability is checkpointed: a group commits with `Durability::None` unless the last
-//! durable commit is older than [`CHECKPOINT_EVERY`]. A crash reverts the file to the
-//! last durable commit, cursor included, and the stage resolves those inbox records
-//! again — the same way, because resolution is a function of the records in order and
-//! the reverted state (profile ids come from the reverted counter). The inbox keeps
-//! them: the stage reports only its *durable* cursor to the store as done. This is what
-//! keeps random access over millions of profiles fast: one fsync of the touched pages
-//! per second instead of per group. Erase requests are handled between groups, so no event of the user is being
+//! Profile changes are written back, not through: every group commits its events'
+//! `enriched` rows, but the changed profiles, identifier links and merges — with the
+//! cursor they correspond to — stay in memory ([`Pending`], pinned in the cache) until
+//! a flush: when the stage has caught up with the inbox, when [`CHECKPOINT_EVERY`] has
+//! passed, before an erase, or when [`MAX_PENDING_PROFILES`] profiles wait. A profile
+//! touched by many groups is thus written once per flush, not once per group (with
+//! active users spread over a million stored profiles, each write is a random page).
+//! The file always holds a consistent state: profiles, links and cursor of the last
+//! flush, plus `enriched` rows beyond it, which resolving those records again rewrites
+//! identically.
+//!
+//! Durability is checkpointed: a flush is `Durability::Immediate` when the last durable
+//! commit is older than [`CHECKPOINT_EVERY`], every other commit `Durability::None`. A
+//! crash reverts the file to the last durable commit, cursor included, and the stage
+//! resolves those inbox records again — the same way, because resolution is a function
+//! of the records in order and the reverted state (profile ids come from the reverted
+//! counter). A failed commit does the same without a crash: memory is dropped and the
+//! stage starts again from the flushed cursor. The inbox keeps the records: the stage
+//! reports only its *durable* cursor to the store as done. This is what keeps random
+//! access over millions of profiles fast: one fsync of the touched pages per second
+//! instead of per group. Erase requests are handled between groups, so no event of the user is being
 //! resolved meanwhile. Redb work runs on blocking threads, never on the runtime; the
 //! loop (`pipeline`) reads the next group while the current one resolves.
 //!
-//! Hot profiles and identifier links are cached between groups ([`Cache`]), bounded;
-//! the cache holds exactly what is committed once a group commits, and is dropped
-//! when a commit fails.
+//! Hot profiles and identifier links are cached between groups ([`Cache`]), bounded
+//! (entries with pending changes are never evicted); the cache holds what is committed
+//! plus the pending changes, and is dropped when a commit fails. Readers of profiles
+//! (admin lookups, the audience engine) see the flushed state; the audience engine
+//! reads events only up to the flushed cursor ([`super::Profiles::flushed`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -42,7 +57,7 @@ use super::{Enrichment, Erased, Shared};
 use crate::store::{InboxRecord, Store, StoreError, INBOX, R};
 
 /// Most inbox records resolved in one commit.
-pub const GROUP_MAX: usize = 8000;
+pub const GROUP_MAX: usize = 4000;
 /// Most `enriched` rows pruned by one commit.
 const MAX_PRUNE: u64 = 10_000;
 /// Cached profiles kept between groups. Decoded, one takes about 2 KiB (measured:
@@ -52,6 +67,10 @@ const MAX_PRUNE: u64 = 10_000;
 const MAX_CACHED_PROFILES: usize = 20_000;
 /// Cached identifier lookups (hits and misses) kept between groups.
 const MAX_CACHED_IDS: usize = 300_000;
+/// Changed profiles that make the stage flush (they are pinned in memory meanwhile).
+pub const MAX_PENDING_PROFILES: usize = 16_384;
+/// Changed identifier links that make the stage flush.
+const MAX_PENDING_IDS: usize = 65_536;
 /// Retry delays after a storage error.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -74,9 +93,11 @@ struct Cache {
     key: String,
 }
 
-/// What one group changed, written at its end (each touched profile once).
+/// What the groups since the last flush changed, written by the next flush (each
+/// touched profile once).
 #[derive(Debug, Default)]
-struct Group {
+struct Pending {
+    /// The next new profile's id; 0 until read from `meta`.
     next_profile: u64,
     dirty_profiles: HashSet<u64>,
     dirty_ids: HashSet<String>,
@@ -84,6 +105,33 @@ struct Group {
     removed: Vec<u64>,
     /// `(merged profile, survivor)`.
     merged: Vec<(u64, u64)>,
+    /// The inbox seq these changes go up to: the cursor a flush writes.
+    through: u64,
+}
+
+impl Pending {
+    fn new(through: u64) -> Self {
+        Pending {
+            through,
+            ..Pending::default()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.dirty_profiles.is_empty()
+            && self.dirty_ids.is_empty()
+            && self.removed.is_empty()
+            && self.merged.is_empty()
+    }
+
+    /// After a flush: nothing pending (the id counter stays known).
+    fn flushed(&mut self) {
+        *self = Pending {
+            next_profile: self.next_profile,
+            through: self.through,
+            ..Pending::default()
+        };
+    }
 }
 
 struct Tables<'t> {
@@ -114,114 +162,148 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 pub struct Resolver {
     shared: Arc<Shared>,
     cache: Cache,
+    /// Changes not yet in the file (see the module doc).
+    pending: Pending,
     /// When the last durable commit happened.
     last_durable: std::time::Instant,
     /// The cursor as of the last durable commit: what a crash would revert to.
     pub durable_through: u64,
+    /// The cursor in the file: profiles and links there include everything up to it.
+    pub flushed_through: u64,
 }
 
 impl Resolver {
-    pub fn new(shared: Arc<Shared>, durable_through: u64) -> Self {
+    /// A resolver over a file whose cursor is `flushed`, durable up to `durable`.
+    pub fn new(shared: Arc<Shared>, flushed: u64, durable: u64) -> Self {
         Resolver {
             shared,
             cache: Cache::default(),
+            pending: Pending::new(flushed),
             last_durable: std::time::Instant::now(),
-            durable_through,
+            durable_through: durable.min(flushed),
+            flushed_through: flushed,
         }
     }
 
-    /// Makes every commit so far durable (an empty `Durability::Immediate` commit).
-    pub fn checkpoint(&mut self, through: u64) -> Result<(), StoreError> {
-        if self.durable_through >= through {
+    /// Writes what is pending and makes every commit so far durable. On failure
+    /// nothing changed, in memory or in the file: call again later.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if self.durable_through >= self.pending.through && self.pending.is_empty() {
             return Ok(());
         }
         let mut txn = self.shared.db.begin_write().st()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
+        set_durability(&mut txn, true)?;
+        {
+            let mut t = Tables::open(&txn)?;
+            self.write_pending(&mut t, &mut Vec::new())?;
+        }
         txn.commit().st()?;
-        self.last_durable = std::time::Instant::now();
-        self.durable_through = through;
+        self.after_flush(true);
         Ok(())
     }
 
-    /// Forgets everything cached (after a failed commit or an erase).
+    /// Forgets everything cached and pending (after a failed commit or an erase): the
+    /// caller resolves again from [`Resolver::flushed_through`].
     pub fn clear(&mut self) {
         self.cache.ids.clear();
         self.cache.profiles.clear();
+        self.pending = Pending::new(self.flushed_through);
     }
 
-    /// Resolves `records` and commits them with cursor `through`; prunes `enriched`
-    /// rows at or below `prune_through`. `now` dates windowed computed attributes.
-    /// Returns each record's enrichment, in order.
+    /// Resolves `records` (inbox seqs after the last group, up to `through`) and
+    /// commits their enrichment; flushes when due or when `caught_up` (the group ends
+    /// at the inbox head); prunes `enriched` rows at or below `prune_through`. `now`
+    /// dates windowed computed attributes. Returns each record's enrichment, in order.
+    /// On failure everything pending is dropped (see [`Resolver::clear`]).
     pub fn resolve_group(
         &mut self,
-        records: &[(u64, InboxRecord)],
+        records: &[(u64, Arc<InboxRecord>)],
         through: u64,
         prune_through: u64,
         now: i64,
+        caught_up: bool,
     ) -> Result<Vec<Enrichment>, StoreError> {
-        let result = self.try_resolve_group(records, through, prune_through, now);
+        let result = self.try_resolve_group(records, through, prune_through, now, caught_up);
         if result.is_err() {
             self.clear();
         } else {
-            evict(&mut self.cache.ids, MAX_CACHED_IDS);
-            evict(&mut self.cache.profiles, MAX_CACHED_PROFILES);
+            let pending = &self.pending;
+            evict(&mut self.cache.ids, MAX_CACHED_IDS, |k| {
+                !pending.dirty_ids.contains(k)
+            });
+            evict(&mut self.cache.profiles, MAX_CACHED_PROFILES, |k| {
+                !pending.dirty_profiles.contains(k)
+            });
         }
         result
     }
 
     fn try_resolve_group(
         &mut self,
-        records: &[(u64, InboxRecord)],
+        records: &[(u64, Arc<InboxRecord>)],
         through: u64,
         prune_through: u64,
         now: i64,
+        caught_up: bool,
     ) -> Result<Vec<Enrichment>, StoreError> {
         let durable = self.last_durable.elapsed() >= CHECKPOINT_EVERY;
         let mut enrichments = Vec::with_capacity(records.len());
         let mut txn = self.shared.db.begin_write().st()?;
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
+        set_durability(&mut txn, durable)?;
+        let flush;
         {
             let mut t = Tables::open(&txn)?;
-            let mut g = Group {
-                next_profile: db::meta_get(&t.meta, NEXT_PROFILE)?.max(1),
-                ..Group::default()
-            };
+            if self.pending.next_profile == 0 {
+                self.pending.next_profile = db::meta_get(&t.meta, NEXT_PROFILE)?.max(1);
+            }
             let mut buf = Vec::with_capacity(256);
             for (seq, record) in records {
-                let enrichment = self.resolve_one(&t, &mut g, record, now)?;
+                let enrichment = self.resolve_one(&t, record, now)?;
                 buf.clear();
                 buf = postcard::to_extend(&enrichment, buf)
                     .map_err(|e| StoreError::Storage(format!("encode enrichment: {e}")))?;
                 t.enriched.insert(*seq, buf.as_slice()).st()?;
                 enrichments.push(enrichment);
             }
-            self.flush(&mut t, &g, &mut buf)?;
-            t.meta.insert(CURSOR, through).st()?;
-            t.meta.insert(NEXT_PROFILE, g.next_profile).st()?;
+            self.pending.through = through;
+            flush = durable
+                || caught_up
+                || self.pending.dirty_profiles.len() >= MAX_PENDING_PROFILES
+                || self.pending.dirty_ids.len() >= MAX_PENDING_IDS;
+            if flush {
+                self.write_pending(&mut t, &mut buf)?;
+            }
             prune_enriched(&mut t.enriched, prune_through)?;
         }
         txn.commit().st()?;
-        if durable {
-            self.last_durable = std::time::Instant::now();
-            self.durable_through = through;
+        if flush {
+            self.after_flush(durable);
         }
         Ok(enrichments)
+    }
+
+    /// Bookkeeping once a commit holding [`Resolver::write_pending`] succeeded.
+    fn after_flush(&mut self, durable: bool) {
+        self.flushed_through = self.pending.through;
+        self.pending.flushed();
+        if durable {
+            self.last_durable = std::time::Instant::now();
+            self.durable_through = self.flushed_through;
+        }
     }
 
     fn resolve_one(
         &mut self,
         t: &Tables<'_>,
-        g: &mut Group,
         record: &InboxRecord,
         now: i64,
     ) -> Result<Enrichment, StoreError> {
-        let Resolver { shared, cache, .. } = self;
+        let Resolver {
+            shared,
+            cache,
+            pending: g,
+            ..
+        } = self;
         let rules = &shared.rules;
         let mut idents: Vec<Ident<'_>> = Vec::with_capacity(6);
         rules.identifiers(&record.event, &mut idents);
@@ -294,12 +376,9 @@ impl Resolver {
         Ok(profile.enrichment(&shared.allow, &shared.specs, now))
     }
 
-    fn flush(
-        &mut self,
-        t: &mut Tables<'_>,
-        g: &Group,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), StoreError> {
+    /// Writes the pending changes and their cursor (not yet committed).
+    fn write_pending(&self, t: &mut Tables<'_>, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let g = &self.pending;
         for id in &g.dirty_profiles {
             if let Some(p) = self.cache.profiles.get(id) {
                 buf.clear();
@@ -325,6 +404,10 @@ impl Resolver {
         for (loser, survivor) in &g.merged {
             t.merged.insert(*loser, *survivor).st()?;
         }
+        if g.next_profile > 0 {
+            t.meta.insert(NEXT_PROFILE, g.next_profile).st()?;
+        }
+        t.meta.insert(CURSOR, g.through).st()?;
         Ok(())
     }
 }
@@ -354,7 +437,7 @@ impl Cache {
         }
     }
 
-    fn set_link(&mut self, g: &mut Group, ty: &str, value: &str, to: Option<u64>) {
+    fn set_link(&mut self, g: &mut Pending, ty: &str, value: &str, to: Option<u64>) {
         id_key(&mut self.key, ty, value);
         self.ids.insert(self.key.clone(), to);
         g.dirty_ids.insert(self.key.clone());
@@ -362,7 +445,7 @@ impl Cache {
 
     /// Merges `loser` into `survivor` (both cached): links re-pointed, the loser's
     /// row removed, `merged` entries kept one hop long.
-    fn merge(&mut self, shared: &Shared, g: &mut Group, survivor: u64, loser: u64, now: i64) {
+    fn merge(&mut self, shared: &Shared, g: &mut Pending, survivor: u64, loser: u64, now: i64) {
         if survivor == loser || !self.profiles.contains_key(&survivor) {
             return;
         }
@@ -390,20 +473,29 @@ impl Cache {
 }
 
 /// Brings `map` back to three quarters of `cap` once it is above it, dropping
-/// arbitrary entries (in effect random: cheaper than tracking recency, and a hot
-/// entry dropped is simply read again).
-fn evict<K, V>(map: &mut HashMap<K, V>, cap: usize) {
+/// arbitrary entries that `evictable` allows (in effect random: cheaper than tracking
+/// recency, and a hot entry dropped is simply read again).
+fn evict<K, V>(map: &mut HashMap<K, V>, cap: usize, evictable: impl Fn(&K) -> bool) {
     if map.len() <= cap {
         return;
     }
     let mut excess = map.len() - cap / 4 * 3;
-    map.retain(|_, _| {
-        if excess == 0 {
+    map.retain(|k, _| {
+        if excess == 0 || !evictable(k) {
             return true;
         }
         excess -= 1;
         false
     });
+}
+
+fn set_durability(txn: &mut WriteTransaction, durable: bool) -> Result<(), StoreError> {
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))
 }
 
 fn prune_enriched(t: &mut Table<'_, u64, &'static [u8]>, through: u64) -> Result<(), StoreError> {
@@ -637,10 +729,18 @@ mod tests {
     #[test]
     fn an_overfull_cache_is_cut_to_three_quarters_and_a_full_one_is_kept() {
         let mut m: HashMap<u64, ()> = (0..1000).map(|i| (i, ())).collect();
-        evict(&mut m, 1000);
+        evict(&mut m, 1000, |_| true);
         assert_eq!(m.len(), 1000);
         m.insert(1000, ());
-        evict(&mut m, 1000);
+        evict(&mut m, 1000, |_| true);
         assert_eq!(m.len(), 750);
+    }
+
+    #[test]
+    fn entries_with_pending_changes_are_never_evicted() {
+        let mut m: HashMap<u64, ()> = (0..1001).map(|i| (i, ())).collect();
+        evict(&mut m, 1000, |k| *k >= 900);
+        assert_eq!(m.len(), 900, "only the 101 evictable entries could go");
+        assert!((0..900).all(|k| m.contains_key(&k)));
     }
 }

@@ -4,8 +4,9 @@
 //! Reading (redb page reads and decoding every record) is about a third of the
 //! stage's work and needs nothing from resolution but the group's end, so it runs on
 //! a second blocking thread one group ahead. The read-ahead is thrown away whenever
-//! it might be stale: after an erase (it may hold the erased user's records) and when
-//! it does not start at the cursor.
+//! it might be stale: after an erase (it may hold the erased user's records), after a
+//! failed group (the stage starts again from the flushed cursor) and when it does not
+//! start at the cursor.
 
 use std::sync::{Arc, PoisonError};
 
@@ -24,13 +25,13 @@ use crate::store::{InboxRecord, Store, StoreError};
 struct Fetched {
     after: u64,
     through: u64,
-    records: Vec<(u64, InboxRecord)>,
+    records: Vec<(u64, Arc<InboxRecord>)>,
 }
 
 /// Reads the group after `cursor`: at most [`GROUP_MAX`] records, all committed up to
 /// `head` when fewer.
 fn fetch(store: &Store, cursor: u64, head: u64) -> Result<Fetched, StoreError> {
-    let records = store.read_inbox(cursor, GROUP_MAX)?;
+    let records = store.read_inbox_shared(cursor, GROUP_MAX)?;
     // Fewer than a full group: everything committed up to `head` was read (records
     // erased meanwhile are simply absent), so the cursor may move to `head`.
     let through = match records.last() {
@@ -46,17 +47,17 @@ fn fetch(store: &Store, cursor: u64, head: u64) -> Result<Fetched, StoreError> {
 }
 
 /// Resolves and commits `group`, then hands it to the in-memory tail. On failure
-/// nothing was committed and the group comes back for a retry.
-fn resolve(
-    resolver: &mut Resolver,
-    store: &Store,
-    group: Fetched,
-) -> Result<u64, (StoreError, Fetched)> {
-    let enrichments =
-        match resolver.resolve_group(&group.records, group.through, store.min_done(), now_ms()) {
-            Ok(e) => e,
-            Err(e) => return Err((e, group)),
-        };
+/// nothing of it was committed and the resolver dropped what was pending: the stage
+/// goes on from [`Resolver::flushed_through`].
+fn resolve(resolver: &mut Resolver, store: &Store, group: Fetched) -> Result<u64, StoreError> {
+    let caught_up = group.records.len() < GROUP_MAX;
+    let enrichments = resolver.resolve_group(
+        &group.records,
+        group.through,
+        store.min_done(),
+        now_ms(),
+        caught_up,
+    )?;
     let through = group.through;
     let resolved = ResolvedGroup {
         after: group.after,
@@ -83,24 +84,36 @@ fn resolve(
     Ok(through)
 }
 
-/// The read-ahead and a group waiting for a retry.
+/// The read of the next group, when one is in flight.
 #[derive(Default)]
 struct Ahead {
     reading: Option<JoinHandle<Result<Fetched, StoreError>>>,
-    retry: Option<Fetched>,
 }
 
 impl Ahead {
     fn is_idle(&self) -> bool {
-        self.reading.is_none() && self.retry.is_none()
+        self.reading.is_none()
     }
 
-    /// Forgets everything read (waits for a read in flight so no two overlap).
+    /// Forgets what is being read (waits for it so no two reads overlap).
     async fn discard(&mut self) {
         if let Some(h) = self.reading.take() {
             let _ = h.await;
         }
-        self.retry = None;
+    }
+}
+
+/// Publishes the resolved and flushed heads, never moving one back (after a failure
+/// the stage resolves again what readers may already have had).
+fn publish(shared: &Shared, resolved: u64, flushed: u64) {
+    for (watch, value) in [(&shared.resolved, resolved), (&shared.flushed, flushed)] {
+        watch.send_if_modified(|v| {
+            let newer = value > *v;
+            if newer {
+                *v = value;
+            }
+            newer
+        });
     }
 }
 
@@ -119,16 +132,14 @@ pub async fn run(
             Ok(Err(e)) => warn!(error = %e, "Cannot read the profile cursor; retrying."),
             Err(e) => warn!(error = %e, "Cursor read task failed; retrying."),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+        if sleep_or_stop(&shutdown, &mut backoff).await {
+            return;
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     };
     store.set_done(STAGE_NAME, cursor);
-    shared.resolved.send_replace(cursor);
+    publish(&shared, cursor, cursor);
     let mut head_rx = store.head();
-    let mut resolver = Some(Resolver::new(Arc::clone(&shared), cursor));
+    let mut resolver = Some(Resolver::new(Arc::clone(&shared), cursor, cursor));
     let mut durable = cursor;
     let mut ahead = Ahead::default();
     backoff = BACKOFF_MIN;
@@ -141,12 +152,33 @@ pub async fn run(
             ahead.discard().await;
             handle_erase(&shared, &store, &mut resolver, req).await;
         }
+        if resolver.is_none() {
+            // The resolver task died with its state: start again from the file.
+            ahead.discard().await;
+            let sh = Arc::clone(&shared);
+            match spawn_blocking(move || load_cursor(&sh)).await {
+                Ok(Ok(c)) => {
+                    cursor = c;
+                    resolver = Some(Resolver::new(Arc::clone(&shared), c, durable));
+                }
+                Ok(Err(e)) => warn!(error = %e, "Cannot read the profile cursor; retrying."),
+                Err(e) => warn!(error = %e, "Cursor read task failed; retrying."),
+            }
+            if resolver.is_none() && sleep_or_stop(&shutdown, &mut backoff).await {
+                return;
+            }
+            continue;
+        }
         let head = *head_rx.borrow_and_update();
         if head <= cursor && ahead.is_idle() {
             if durable < cursor {
-                // Caught up: make what was resolved durable so the inbox can be pruned.
-                durable = checkpoint(&mut resolver, cursor).await.unwrap_or(durable);
+                // Caught up: write what is pending and make it durable, so the inbox
+                // can be pruned and profile readers see it.
+                durable = checkpoint(&mut resolver).await.unwrap_or(durable);
                 store.set_done(STAGE_NAME, durable);
+                if let Some(r) = resolver.as_ref() {
+                    publish(&shared, cursor, r.flushed_through);
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -161,28 +193,23 @@ pub async fn run(
             }
             continue;
         }
-        let group = match ahead.retry.take() {
-            Some(g) => Ok(g),
-            None => {
-                let reading = ahead.reading.take().unwrap_or_else(|| {
-                    let st = Arc::clone(&store);
-                    spawn_blocking(move || fetch(&st, cursor, head))
-                });
-                match reading.await {
-                    Ok(result) => result,
-                    Err(e) => Err(StoreError::Storage(format!("inbox read task failed: {e}"))),
-                }
-            }
-        };
-        let group = match group {
-            Ok(g) if g.after == cursor => g,
+        let reading = ahead.reading.take().unwrap_or_else(|| {
+            let st = Arc::clone(&store);
+            spawn_blocking(move || fetch(&st, cursor, head))
+        });
+        let group = match reading.await {
+            Ok(Ok(g)) if g.after == cursor => g,
             // Read ahead from a cursor that did not hold: read again.
-            Ok(_) => continue,
-            Err(e) => {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => {
                 error!(error = %e, cursor, "Cannot read the inbox for profile resolution; retrying.");
                 if sleep_or_stop(&shutdown, &mut backoff).await {
                     return;
                 }
+                continue;
+            }
+            Err(e) => {
+                error!(error = %e, cursor, "Inbox read task failed; retrying.");
                 continue;
             }
         };
@@ -195,9 +222,9 @@ pub async fn run(
             let (st, after) = (Arc::clone(&store), group.through);
             ahead.reading = Some(spawn_blocking(move || fetch(&st, after, next_head)));
         }
-        let mut r = resolver
-            .take()
-            .unwrap_or_else(|| Resolver::new(Arc::clone(&shared), durable));
+        let Some(mut r) = resolver.take() else {
+            continue;
+        };
         let st = Arc::clone(&store);
         let joined = spawn_blocking(move || {
             let result = resolve(&mut r, &st, group);
@@ -207,24 +234,26 @@ pub async fn run(
         let failure = match joined {
             Ok((r, Ok(through))) => {
                 durable = r.durable_through;
-                resolver = Some(r);
                 cursor = through;
-                shared.resolved.send_replace(cursor);
+                publish(&shared, cursor, r.flushed_through);
+                resolver = Some(r);
                 // Only what a crash cannot revert may be pruned from the inbox.
                 store.set_done(STAGE_NAME, durable);
                 backoff = BACKOFF_MIN;
                 continue;
             }
-            Ok((r, Err((e, group)))) => {
+            Ok((r, Err(e))) => {
+                // Pending changes went with the failed group: resolve again from what
+                // the file holds.
+                cursor = r.flushed_through;
                 resolver = Some(r);
-                ahead.retry = Some(group);
                 e.to_string()
             }
             Err(e) => format!("resolver task failed: {e}"),
         };
-        error!(error = %failure, cursor, "Profile resolution failed; retrying (nothing of this group was committed).");
+        ahead.discard().await;
+        error!(error = %failure, cursor, "Profile resolution failed; retrying from the last flushed cursor.");
         if sleep_or_stop(&shutdown, &mut backoff).await {
-            ahead.discard().await;
             return;
         }
     }
@@ -240,23 +269,27 @@ async fn sleep_or_stop(shutdown: &CancellationToken, backoff: &mut std::time::Du
     }
 }
 
-/// Makes everything through `cursor` durable; the new durable cursor, or `None` when
-/// that failed (retried after the next group).
-async fn checkpoint(resolver: &mut Option<Resolver>, cursor: u64) -> Option<u64> {
+/// Writes what is pending and makes it durable; the new durable cursor, or `None`
+/// when that failed (retried later; nothing is lost meanwhile).
+async fn checkpoint(resolver: &mut Option<Resolver>) -> Option<u64> {
     let mut r = resolver.take()?;
     let joined = spawn_blocking(move || {
-        let result = r.checkpoint(cursor);
+        let result = r.checkpoint();
         (r, result)
     })
     .await;
     match joined {
         Ok((r, result)) => {
-            if let Err(e) = result {
-                warn!(error = %e, "Profile checkpoint failed; retrying with the next group.");
-            }
+            let ok = match result {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "Profile checkpoint failed; retrying.");
+                    false
+                }
+            };
             let durable = r.durable_through;
             *resolver = Some(r);
-            Some(durable)
+            ok.then_some(durable)
         }
         Err(e) => {
             warn!(error = %e, "Profile checkpoint task failed.");
@@ -277,6 +310,16 @@ async fn handle_erase(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clear();
+    // The erase works on the file: write what is pending first.
+    if resolver.is_some() && checkpoint(resolver).await.is_none() {
+        let _ = req.reply.send(Err(StoreError::Storage(
+            "cannot write pending profile changes before the erase; try again".into(),
+        )));
+        return;
+    }
+    if let Some(r) = resolver.as_ref() {
+        publish(shared, 0, r.flushed_through);
+    }
     let result = erase(shared, store, req.id_type, req.value).await;
     if let Some(r) = resolver.as_mut() {
         r.clear();
