@@ -44,6 +44,18 @@ const MAX_CHUNK_EVENTS: usize = 16_384;
 /// ... or this many bytes of lines (and never much past `max_file_size`).
 const MAX_CHUNK_BYTES: usize = 8 << 20;
 
+/// Resolved events `(after, through]` rendered as lines, not yet written.
+#[derive(Debug)]
+struct Chunk {
+    after: u64,
+    through: u64,
+    lines: Vec<u8>,
+    /// Inbox seq of the first line (names a new file).
+    first: Option<u64>,
+    written: u64,
+    filtered: u64,
+}
+
 /// Why the file destination could not make progress.
 #[derive(Debug, thiserror::Error)]
 pub enum FileDestError {
@@ -243,16 +255,18 @@ impl FileDestination {
         self.save(&cursor).await?;
         let mut resolved = self.ctx.profiles.resolved();
         let mut watching = true;
+        let mut ahead = None;
         let batch_mode = self.config.mode == DeliveryMode::Batch;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            match self.step(&route, &mut cursor, &mut file).await {
+            match self.step(&route, &mut cursor, &mut file, &mut ahead).await {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
                     warn!(destination = %self.name(), error = %e, "File destination write failed; retrying.");
+                    ahead = None;
                     self.stats.set_error(&e.to_string());
                     // Re-derive the file from the last commit before trying again.
                     drop(file.take());
@@ -290,12 +304,15 @@ impl FileDestination {
         }
     }
 
-    /// Writes one batch; `Ok(true)` when there may be more right away.
+    /// Writes one chunk; `Ok(true)` when there may be more right away. While a chunk
+    /// is written, synced and committed, the next one is read and rendered (`ahead`),
+    /// so the CPU work and the disk wait overlap.
     async fn step(
         &self,
         route: &Route,
         cursor: &mut Cursor,
         file: &mut Option<File>,
+        ahead: &mut Option<Chunk>,
     ) -> Result<bool, FileDestError> {
         if file.is_none() && cursor.open.is_some() {
             // A failed write left the open file closed: reopen it where the commit says,
@@ -311,58 +328,111 @@ impl FileDestination {
                 }
             }
         }
-        // Up to a whole chunk of events when behind; a read shorter than asked for
-        // means caught up.
-        let per_read = self.config.batch_size.max(1);
         let room = cursor
             .open
             .map_or(self.config.max_file_size.0, |(_, offset, _)| {
                 self.config.max_file_size.0.saturating_sub(offset)
             });
+        let chunk = match ahead.take() {
+            Some(c) if c.after == cursor.through && c.lines.len() as u64 <= room.max(1) => c,
+            _ => match self.render_chunk(route, cursor.through, room)? {
+                Some(c) => c,
+                None => return Ok(false),
+            },
+        };
+        // The next chunk must fit what this one leaves of the file; when this one
+        // fills it, the next is rendered after the rotation instead.
+        let left = room.saturating_sub(chunk.lines.len() as u64);
+        let after = chunk.through;
+        let (committed, next) = tokio::join!(self.commit_chunk(cursor, file, chunk, now), async {
+            if left == 0 {
+                return Ok(None);
+            }
+            // Yield first so the commit's blocking write starts before rendering.
+            tokio::task::yield_now().await;
+            self.render_chunk(route, after, left)
+        });
+        committed?;
+        *ahead = next?;
+        Ok(true)
+    }
+
+    /// Reads resolved events after `after` and renders them, up to a whole chunk when
+    /// behind (a read shorter than asked for means caught up) and about `room` bytes;
+    /// `None` when nothing new was resolved.
+    fn render_chunk(
+        &self,
+        route: &Route,
+        after: u64,
+        room: u64,
+    ) -> Result<Option<Chunk>, FileDestError> {
+        let per_read = self.config.batch_size.max(1);
         let max_bytes = usize::try_from(room)
             .unwrap_or(usize::MAX)
             .clamp(1, MAX_CHUNK_BYTES);
-        let mut through = cursor.through;
-        let mut lines = Vec::new();
-        let (mut first, mut written, mut looked) = (None, 0u64, 0usize);
+        let mut chunk = Chunk {
+            after,
+            through: after,
+            lines: Vec::new(),
+            first: None,
+            written: 0,
+            filtered: 0,
+        };
+        let mut looked = 0usize;
         loop {
             let page = self
                 .ctx
                 .profiles
-                .read_routed(&self.ctx.store, through, per_read)?;
-            if page.through <= through {
+                .read_routed(&self.ctx.store, chunk.through, per_read)?;
+            if page.through <= chunk.through {
                 break;
             }
-            through = page.through;
+            chunk.through = page.through;
             looked += page.events.len();
-            if lines.capacity() == 0 {
-                lines.reserve(page.events.len() * 512);
+            if chunk.lines.capacity() == 0 {
+                chunk.lines.reserve(page.events.len() * 512);
             }
             for routed in &page.events {
-                if route.render_into(routed, &mut lines)? {
-                    lines.push(b'\n');
-                    first.get_or_insert(routed.seq);
-                    written += 1;
+                if route.render_into(routed, &mut chunk.lines)? {
+                    chunk.lines.push(b'\n');
+                    chunk.first.get_or_insert(routed.seq);
+                    chunk.written += 1;
                 }
             }
             if page.events.len() < per_read
                 || looked >= MAX_CHUNK_EVENTS
-                || lines.len() >= max_bytes
+                || chunk.lines.len() >= max_bytes
             {
                 break;
             }
         }
-        if through <= cursor.through {
-            return Ok(false);
+        if chunk.through <= after {
+            return Ok(None);
         }
-        let filtered = looked as u64 - written;
-        if let Some(first) = first {
-            self.append(cursor, file, first, lines, now).await?;
+        chunk.filtered = looked as u64 - chunk.written;
+        Ok(Some(chunk))
+    }
+
+    /// Appends `chunk` (when it has lines), commits the cursor past it, and rotates the
+    /// file once it reached `max_file_size`.
+    async fn commit_chunk(
+        &self,
+        cursor: &mut Cursor,
+        file: &mut Option<File>,
+        chunk: Chunk,
+        now: i64,
+    ) -> Result<(), FileDestError> {
+        if let Some(first) = chunk.first {
+            self.append(cursor, file, first, chunk.lines, now).await?;
         }
-        cursor.through = through;
+        cursor.through = chunk.through;
         self.save(cursor).await?;
-        self.stats.delivered.fetch_add(written, Ordering::Relaxed);
-        self.stats.filtered.fetch_add(filtered, Ordering::Relaxed);
+        self.stats
+            .delivered
+            .fetch_add(chunk.written, Ordering::Relaxed);
+        self.stats
+            .filtered
+            .fetch_add(chunk.filtered, Ordering::Relaxed);
         if let (Some((_, offset, _)), true) = (cursor.open, file.is_some()) {
             if offset >= self.config.max_file_size.0 {
                 if let Some(f) = file.take() {
@@ -370,7 +440,7 @@ impl FileDestination {
                 }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Appends one chunk to the open file (opening one at `first` if needed) and

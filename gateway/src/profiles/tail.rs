@@ -46,21 +46,28 @@ impl Tail {
     }
 
     /// Appends a committed group. A group that does not follow the newest one (the
-    /// stage restarted from an older cursor) replaces everything kept.
-    pub fn push(&mut self, group: ResolvedGroup) {
+    /// stage restarted from an older cursor) replaces everything kept. Returns the
+    /// groups that left, for the caller to free where it costs the stage nothing
+    /// (freeing thousands of cold decoded events is not cheap).
+    #[must_use]
+    pub fn push(&mut self, group: ResolvedGroup) -> Vec<ResolvedGroup> {
+        let mut gone = Vec::new();
         if group.through <= group.after {
-            return;
+            return gone;
         }
         if self.groups.back().is_some_and(|g| g.through != group.after) {
-            self.clear();
+            gone.extend(self.groups.drain(..));
+            self.events = 0;
         }
         self.events += group.events.len();
         self.groups.push_back(group);
         while self.events > self.capacity && self.groups.len() > 1 {
             if let Some(old) = self.groups.pop_front() {
                 self.events -= old.events.len();
+                gone.push(old);
             }
         }
+        gone
     }
 
     pub fn clear(&mut self) {
@@ -140,9 +147,9 @@ mod tests {
     #[test]
     fn a_reader_inside_the_tail_gets_the_following_events_across_groups() {
         let mut t = Tail::new(100);
-        t.push(group(0, 3, &[1, 2, 3]));
+        let _ = t.push(group(0, 3, &[1, 2, 3]));
         // Seq 5 was erased before it was resolved; 7 is the head past the last record.
-        t.push(group(3, 7, &[4, 6]));
+        let _ = t.push(group(3, 7, &[4, 6]));
         let p = t.read(0, 10, u64::MAX).expect("covered");
         assert_eq!((seqs(&p), p.through), (vec![1, 2, 3, 4, 6], 7));
         let p = t.read(2, 2, u64::MAX).expect("covered");
@@ -156,8 +163,8 @@ mod tests {
     #[test]
     fn a_reader_capped_at_a_head_stops_there() {
         let mut t = Tail::new(100);
-        t.push(group(0, 3, &[1, 2, 3]));
-        t.push(group(3, 7, &[4, 6]));
+        let _ = t.push(group(0, 3, &[1, 2, 3]));
+        let _ = t.push(group(3, 7, &[4, 6]));
         let p = t.read(0, 10, 3).expect("covered");
         assert_eq!((seqs(&p), p.through), (vec![1, 2, 3], 3));
         let p = t.read(0, 10, 5).expect("covered");
@@ -169,7 +176,7 @@ mod tests {
     fn readers_outside_the_tail_go_to_redb() {
         let mut t = Tail::new(100);
         assert!(t.read(0, 10, u64::MAX).is_none());
-        t.push(group(10, 12, &[11, 12]));
+        let _ = t.push(group(10, 12, &[11, 12]));
         assert!(t.read(9, 10, u64::MAX).is_none(), "behind the oldest group");
         assert!(t.read(12, 10, u64::MAX).is_none(), "at the head");
         assert!(t.read(10, 0, u64::MAX).is_none());
@@ -178,15 +185,15 @@ mod tests {
     #[test]
     fn the_oldest_groups_go_beyond_the_capacity_and_a_gap_empties_the_tail() {
         let mut t = Tail::new(4);
-        t.push(group(0, 2, &[1, 2]));
-        t.push(group(2, 4, &[3, 4]));
-        t.push(group(4, 6, &[5, 6]));
+        let _ = t.push(group(0, 2, &[1, 2]));
+        let _ = t.push(group(2, 4, &[3, 4]));
+        let _ = t.push(group(4, 6, &[5, 6]));
         assert!(t.read(0, 10, u64::MAX).is_none());
         assert_eq!(
             seqs(&t.read(2, 10, u64::MAX).expect("kept")),
             vec![3, 4, 5, 6]
         );
-        t.push(group(9, 10, &[10]));
+        let _ = t.push(group(9, 10, &[10]));
         assert!(t.read(4, 10, u64::MAX).is_none());
         assert_eq!(seqs(&t.read(9, 10, u64::MAX).expect("kept")), vec![10]);
         t.clear();

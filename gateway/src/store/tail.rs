@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::InboxRecord;
 
 /// Most records kept; a decoded event is about 2 KiB.
-pub const INBOX_TAIL_EVENTS: usize = 12_288;
+pub const INBOX_TAIL_EVENTS: usize = 4_096;
 
 /// Consecutive inbox records, oldest first.
 #[derive(Debug, Default)]
@@ -31,22 +31,22 @@ impl InboxTail {
         }
     }
 
-    /// Appends records just committed, in seq order. Records that do not follow the
-    /// newest kept one replace everything kept.
+    /// Appends records just committed, in seq order, when they fit and follow the
+    /// newest kept one. Otherwise they are not kept: the tail goes on holding the
+    /// records its reader needs next, and takes new ones again once the reader has
+    /// released everything (so records are freed by the reader that used them, hot,
+    /// not by the writer long after, cold: that cost more than decoding).
     pub fn extend(&mut self, fresh: Vec<(u64, Arc<InboxRecord>)>) {
         let Some(first) = fresh.first().map(|(seq, _)| *seq) else {
             return;
         };
-        if self
+        let follows = self
             .records
             .back()
-            .is_some_and(|(last, _)| last.checked_add(1) != Some(first))
-        {
-            self.records.clear();
+            .is_none_or(|(last, _)| last.checked_add(1) == Some(first));
+        if follows && self.records.len() + fresh.len() <= self.capacity {
+            self.records.extend(fresh);
         }
-        self.records.extend(fresh);
-        let excess = self.records.len().saturating_sub(self.capacity);
-        self.records.drain(..excess);
     }
 
     pub fn clear(&mut self) {
@@ -116,16 +116,30 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_records_go_beyond_the_capacity_and_a_gap_empties_the_tail() {
+    fn records_that_do_not_fit_or_follow_are_not_kept_until_the_reader_released_all() {
         let mut t = InboxTail::new(3);
-        t.extend(records(1..=5));
-        assert!(t.read(1, 10).is_none());
-        assert_eq!(seqs(&t.read(2, 10).expect("covered")), [3, 4, 5]);
-        t.extend(records(9..=9));
-        assert!(t.read(4, 10).is_none());
-        assert_eq!(seqs(&t.read(8, 10).expect("covered")), [9]);
+        t.extend(records(1..=2));
+        t.extend(records(3..=4));
+        assert_eq!(
+            seqs(&t.read(0, 10).expect("covered")),
+            [1, 2],
+            "3..=4 did not fit"
+        );
+        t.extend(records(5..=5));
+        assert_eq!(
+            seqs(&t.read(0, 10).expect("covered")),
+            [1, 2],
+            "5 does not follow 2"
+        );
+        t.release(2);
+        t.extend(records(6..=6));
+        assert_eq!(
+            seqs(&t.read(5, 10).expect("covered")),
+            [6],
+            "empty: takes new ones"
+        );
         t.clear();
-        assert!(t.read(8, 10).is_none());
+        assert!(t.read(5, 10).is_none());
     }
 
     #[test]

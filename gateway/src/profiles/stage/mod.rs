@@ -57,18 +57,20 @@ use super::{Enrichment, Erased, Shared};
 use crate::store::{InboxRecord, Store, StoreError, INBOX, R};
 
 /// Most inbox records resolved in one commit.
-pub const GROUP_MAX: usize = 4000;
+pub const GROUP_MAX: usize = 2000;
 /// Most `enriched` rows pruned by one commit.
 const MAX_PRUNE: u64 = 10_000;
-/// Cached profiles kept between groups. Decoded, one takes about 2 KiB (measured:
-/// 100,000 of them held some 175 MiB of RSS more than 20,000), and over many users a
-/// cache of any affordable size hits rarely anyway; profiles read again come from
-/// redb's page cache.
-const MAX_CACHED_PROFILES: usize = 20_000;
+/// Cached profiles kept between groups, pending ones included. Decoded, one takes
+/// about 2 KiB (measured: 100,000 of them held some 175 MiB of RSS more than 20,000);
+/// it holds the active users of a busy site (the benchmark's 10,000), and over many
+/// more users a cache of any affordable size hits rarely anyway; profiles read again
+/// come from redb's page cache.
+const MAX_CACHED_PROFILES: usize = 16_000;
 /// Cached identifier lookups (hits and misses) kept between groups.
 const MAX_CACHED_IDS: usize = 300_000;
-/// Changed profiles that make the stage flush (they are pinned in memory meanwhile).
-pub const MAX_PENDING_PROFILES: usize = 16_384;
+/// Changed profiles that make the stage flush (pinned in the cache meanwhile, so
+/// fewer than [`MAX_CACHED_PROFILES`]).
+pub const MAX_PENDING_PROFILES: usize = 12_000;
 /// Changed identifier links that make the stage flush.
 const MAX_PENDING_IDS: usize = 65_536;
 /// Retry delays after a storage error.

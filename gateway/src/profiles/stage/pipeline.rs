@@ -75,12 +75,16 @@ fn resolve(resolver: &mut Resolver, store: &Store, group: Fetched) -> Result<u64
             })
             .collect(),
     };
-    resolver
+    let gone = resolver
         .shared
         .tail
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .push(resolved);
+    if !gone.is_empty() {
+        // Freed on another blocking thread, off the stage's serial path.
+        drop(tokio::task::spawn_blocking(move || drop(gone)));
+    }
     Ok(through)
 }
 
