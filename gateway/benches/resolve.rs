@@ -10,10 +10,11 @@
 //! `RESOLVE_USERS` users (default 10,000; one event in 20 an identify carrying the
 //! user's email), optionally over `RESOLVE_SEED` profiles created first, then starts
 //! the stage with the fan-out benchmark's configuration (two computed attributes, two
-//! destinations' allowlists) and times it until every event is resolved. Users are
-//! spread evenly over the seeded profiles (user `u` is seeded profile `u × seed /
-//! users`), so with a seed every event finds an existing profile. The end-to-end
-//! number is `fanbench` (tests/src/bin); this one isolates the serial stage.
+//! destinations' allowlists) and times it until every event is resolved and its
+//! profile changes are written. Users are spread evenly over the seeded profiles
+//! (user `u` is seeded profile `u × seed / users`), so with a seed every event finds
+//! an existing profile. The end-to-end number is `fanbench` (tests/src/bin); this one
+//! isolates the serial stage.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -175,7 +176,8 @@ async fn main() {
         started.elapsed()
     );
     let shutdown = CancellationToken::new();
-    let mut resolved = profiles.resolved();
+    // Resolved and written: the stage writes profile changes back (see its doc).
+    let mut resolved = profiles.flushed();
     let started = Instant::now();
     let stage = tokio::spawn(Arc::clone(&profiles).run(Arc::clone(&store), shutdown.clone()));
     tokio::time::timeout(Duration::from_secs(900), resolved.wait_for(|r| *r >= head))

@@ -148,9 +148,9 @@ pub async fn run(
         .map(str::to_owned)
         .chain(config.destinations.iter().map(|d| d.name.clone()))
         .collect();
-    // Half of the page cache budget: the inbox is mostly appended to, and its newest
-    // records are read from memory (`store::tail`); profile writes need the cache more.
-    let cache = usize::try_from(config.gateway.cache_size.0 / 2).unwrap_or(usize::MAX);
+    // A quarter of the page cache budget: the inbox is mostly appended to, and its
+    // newest records are read from memory (`store::tail`); profile writes need it more.
+    let cache = usize::try_from(config.gateway.cache_size.0 / 4).unwrap_or(usize::MAX);
     let store = Arc::new(Store::open(&store_path, cache, &names).map_err(|source| {
         GatewayError::Store {
             path: store_path,

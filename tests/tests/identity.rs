@@ -315,7 +315,7 @@ fn computed_counts_stay_exact_across_gateway_kills() {
 /// Inbox records the profile stage resolves in one group (`GROUP_MAX` of the gateway's
 /// private `profiles::stage`). More than this behind, it reads full groups and keeps
 /// their profile changes in memory until its next flush.
-const STAGE_GROUP: usize = 4_000;
+const STAGE_GROUP: usize = 2_000;
 
 /// Events counted in the flushed profile of customer `user` (0 without a profile).
 fn events_of(gw: &Gateway, user: &str) -> usize {
