@@ -278,6 +278,20 @@ fn batch_frame_is_frozen() {
     assert_eq!(wire::decode_batch(&stored, DEFAULT_MAX_FRAME).unwrap(), b);
 }
 
+/// Agents before maps were kept sorted wrote their entries in the app's order; the
+/// layout is the same, and such a frame decodes to the same (sorted) event.
+#[test]
+fn a_frame_with_unsorted_maps_decodes_to_the_same_batch() {
+    let stored = std::fs::read(fixture("batch_v1_unsorted_maps.bin")).unwrap();
+    let sorted = wire::encode_batch(&batch(), Compression::None).unwrap();
+    assert_ne!(stored, sorted, "the fixture's maps are out of order");
+    assert_eq!(stored.len(), sorted.len());
+    assert_eq!(
+        wire::decode_batch(&stored, DEFAULT_MAX_FRAME).unwrap(),
+        batch()
+    );
+}
+
 /// LZ4 compressors may pick different matches across versions while every decoder
 /// still reads the result, so the compressed bytes are not frozen: the header, the
 /// declared length and what the block inflates to are.

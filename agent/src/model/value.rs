@@ -29,13 +29,38 @@ pub enum Value {
     Object(Map),
 }
 
-/// An ordered string-keyed map of values (insertion order kept, as in the source JSON).
+/// A string-keyed map of values, kept sorted by key (bytewise) with one entry per
+/// key: a repeated key keeps its last value, as JSON parsers do.
+///
+/// Sorted because that is how every destination receives objects (the gateway writes
+/// them as a `serde_json::Value` would, keys sorted): kept so from the start, a map
+/// is written out by walking it, with no per-object sort or allocation per
+/// destination, and looked up by binary search.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Map(Vec<(String, Value)>);
 
 impl Map {
     pub fn new() -> Self {
         Self(Vec::new())
+    }
+
+    /// A map of `entries` in any order; of a repeated key the last value is kept.
+    fn from_entries(mut entries: Vec<(String, Value)>) -> Self {
+        // Decoded maps are almost always sorted already (every encoder writes a `Map`
+        // in order); checking is one pass.
+        if entries.windows(2).any(|w| w[0].0 >= w[1].0) {
+            // Stable: among equal keys the original order stays, so the last is kept.
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut kept: Vec<(String, Value)> = Vec::with_capacity(entries.len());
+            for entry in entries {
+                match kept.last_mut() {
+                    Some(last) if last.0 == entry.0 => *last = entry,
+                    _ => kept.push(entry),
+                }
+            }
+            entries = kept;
+        }
+        Self(entries)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -46,12 +71,17 @@ impl Map {
         self.0.len()
     }
 
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.position(key).ok().map(|at| &self.0[at].1)
     }
 
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
-        self.0.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
+        let at = self.position(key).ok()?;
+        Some(&mut self.0[at].1)
     }
 
     pub fn get_str(&self, key: &str) -> Option<&str> {
@@ -68,20 +98,21 @@ impl Map {
         }
     }
 
-    /// Sets `key`, replacing an existing entry in place.
+    /// Sets `key`, replacing an existing entry.
     pub fn insert(&mut self, key: impl Into<String>, value: Value) {
         let key = key.into();
-        match self.get_mut(&key) {
-            Some(slot) => *slot = value,
-            None => self.0.push((key, value)),
+        match self.position(&key) {
+            Ok(at) => self.0[at].1 = value,
+            Err(at) => self.0.insert(at, (key, value)),
         }
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        let at = self.0.iter().position(|(k, _)| k == key)?;
+        let at = self.position(key).ok()?;
         Some(self.0.remove(at).1)
     }
 
+    /// The entries, sorted by key.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
@@ -89,10 +120,15 @@ impl Map {
     /// Fills in keys from `defaults` that `self` lacks; nested objects merge recursively.
     pub fn merge_defaults(&mut self, defaults: &Map) {
         for (key, default) in defaults.iter() {
-            match (self.get_mut(key), default) {
-                (Some(Value::Object(mine)), Value::Object(theirs)) => mine.merge_defaults(theirs),
-                (Some(_), _) => {}
-                (None, _) => self.0.push((key.to_owned(), default.clone())),
+            match self.position(key) {
+                Ok(at) => {
+                    if let (Value::Object(mine), Value::Object(theirs)) =
+                        (&mut self.0[at].1, default)
+                    {
+                        mine.merge_defaults(theirs);
+                    }
+                }
+                Err(at) => self.0.insert(at, (key.to_owned(), default.clone())),
             }
         }
     }
@@ -100,11 +136,7 @@ impl Map {
 
 impl FromIterator<(String, Value)> for Map {
     fn from_iter<T: IntoIterator<Item = (String, Value)>>(iter: T) -> Self {
-        let mut map = Map::new();
-        for (k, v) in iter {
-            map.insert(k, v);
-        }
-        map
+        Map::from_entries(iter.into_iter().collect())
     }
 }
 
@@ -325,7 +357,7 @@ impl<'de> Visitor<'de> for MapVisitor {
         while let Some((k, v)) = access.next_entry::<String, Value>()? {
             out.push((k, v));
         }
-        Ok(Map(out))
+        Ok(Map::from_entries(out))
     }
 
     fn visit_unit<E>(self) -> Result<Map, E> {
@@ -345,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn json_round_trip_keeps_shape_and_order() {
+    fn json_round_trip_keeps_shape() {
         let v = sample();
         let text = serde_json::to_string(&v).unwrap();
         assert_eq!(
@@ -388,7 +420,35 @@ mod tests {
         mine.merge_defaults(&defaults);
         assert_eq!(
             serde_json::to_string(&mine).unwrap(),
-            r#"{"app":{"name":"x","version":"1"},"os":"a","locale":"en"}"#
+            r#"{"app":{"name":"x","version":"1"},"locale":"en","os":"a"}"#
         );
+    }
+
+    #[test]
+    fn keys_are_kept_sorted_and_a_repeated_key_keeps_its_last_value() {
+        let mut m: Map = serde_json::from_str(r#"{"b":1,"a":2,"c":{"z":1,"y":2},"b":3}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"a":2,"b":3,"c":{"y":2,"z":1}}"#
+        );
+        m.insert("0", Value::Null);
+        m.insert("bb", Value::Null);
+        assert_eq!(m.remove("a"), Some(Value::Int(2)));
+        let keys: Vec<&str> = m.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["0", "b", "bb", "c"]);
+        assert_eq!(m.get("b"), Some(&Value::Int(3)));
+        let from_pairs: Map = [
+            ("y".to_owned(), Value::Int(1)),
+            ("x".to_owned(), Value::Int(2)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            from_pairs.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            ["x", "y"]
+        );
+        // The binary form decodes to the same invariant whatever order it was sent in.
+        let bytes = postcard::to_stdvec(&m).unwrap();
+        assert_eq!(postcard::from_bytes::<Map>(&bytes).unwrap(), m);
     }
 }

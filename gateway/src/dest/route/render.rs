@@ -64,25 +64,13 @@ pub(super) fn set<'a>(entries: &mut Entries<'a>, key: &'a str, node: Node<'a>) {
     }
 }
 
-/// The entries of an agent map as a JSON object has them: one per key, the last
-/// value of a repeated key, sorted by key.
+/// The entries of an agent map that `keep` passes, in the map's (key) order: an agent
+/// map is kept sorted with one entry per key, as a JSON object is written here.
 pub(super) fn agent_entries(
     map: &AgentMap,
     mut keep: impl FnMut(&str) -> bool,
 ) -> Vec<(&str, &AgentValue)> {
-    let mut out: Vec<(&str, &AgentValue)> = map.iter().filter(|(k, _)| keep(k)).collect();
-    // Stable: among equal keys the original order stays, so the last one is the
-    // map's last value.
-    out.sort_by(|a, b| a.0.cmp(b.0));
-    out.dedup_by(|later, earlier| {
-        if later.0 == earlier.0 {
-            earlier.1 = later.1;
-            true
-        } else {
-            false
-        }
-    });
-    out
+    map.iter().filter(|(k, _)| keep(k)).collect()
 }
 
 impl Serialize for Node<'_> {
@@ -132,7 +120,13 @@ pub(super) struct Sorted<'a>(pub(super) &'a AgentValue);
 impl Serialize for Sorted<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.0 {
-            AgentValue::Object(m) => SortedMap(&agent_entries(m, |_| true)).serialize(s),
+            AgentValue::Object(m) => {
+                let mut out = s.serialize_map(Some(m.len()))?;
+                for (k, v) in m.iter() {
+                    out.serialize_entry(k, &Sorted(v))?;
+                }
+                out.end()
+            }
             AgentValue::Array(items) => {
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for v in items {
