@@ -171,7 +171,7 @@ fn duration_ms(d: Duration) -> i64 {
 
 fn hash_in(map: &mut Map, key: &str) {
     if let Some(Value::String(s)) = map.get_mut(key) {
-        *s = sha256_hex(s);
+        *s = sha256_hex(s).into();
     }
 }
 

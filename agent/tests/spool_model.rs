@@ -106,9 +106,10 @@ fn make_event(lane: &str, marker: u64, pad: usize, now_ms: i64) -> Event {
     e.name = Some(format!("event-{marker}"));
     e.identities.device_id = DeviceId(DEVICE.to_owned());
     e.properties
-        .insert("marker", Value::String(format!("m-{marker}")));
+        .insert("marker", Value::String(format!("m-{marker}").into()));
     if pad > 0 {
-        e.properties.insert("pad", Value::String("x".repeat(pad)));
+        e.properties
+            .insert("pad", Value::String("x".repeat(pad).into()));
     }
     e
 }

@@ -550,7 +550,7 @@ fn obj(pairs: Vec<(&str, Value)>) -> Value {
     Value::Object(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
-fn s(v: impl Into<String>) -> Value {
+fn s(v: impl Into<edge_agent::model::Str>) -> Value {
     Value::String(v.into())
 }
 

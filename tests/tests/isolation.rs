@@ -810,7 +810,7 @@ async fn malformed_and_oversized_frames_are_rejected_while_another_device_is_ser
     let mut big = batch(A, "big", 1, 1);
     big.events[0]
         .properties
-        .insert("blob", Value::String("x".repeat(70_000)));
+        .insert("blob", Value::String("x".repeat(70_000).into()));
     let big = frame(&big);
     let size = big.len();
     assert!(size > 64 * 1024);

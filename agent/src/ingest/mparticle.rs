@@ -112,13 +112,13 @@ fn convert_batch(
     }
     let mut mp = Map::new();
     if let Some(env) = batch.environment {
-        mp.insert("environment", Value::String(env));
+        mp.insert("environment", Value::String(env.into()));
     }
     if let Some(id) = batch.source_request_id {
-        mp.insert("source_request_id", Value::String(id));
+        mp.insert("source_request_id", Value::String(id.into()));
     }
     if let Some(id) = &batch.mp_deviceid {
-        mp.insert("mp_deviceid", Value::String(id.clone()));
+        mp.insert("mp_deviceid", Value::String(id.into()));
     }
     if !mp.is_empty() {
         context.insert("mparticle", Value::Object(mp));
@@ -127,7 +127,7 @@ fn convert_batch(
     let mut user_id = None;
     for (kind, value) in batch.user_identities.iter().flat_map(Map::iter) {
         let value = match value {
-            Value::String(s) => s.clone(),
+            Value::String(s) => s.to_string(),
             Value::Int(i) => i.to_string(),
             _ => continue,
         };
@@ -215,7 +215,7 @@ fn convert_event(mp: MpEvent, at: &str, now_ms: i64) -> Result<Event, IngestErro
         _ => "event_name",
     };
     e.name = match data.remove(name_field) {
-        Some(Value::String(n)) => Some(n),
+        Some(Value::String(n)) => Some(n.into()),
         _ => None,
     };
     if kind == EventKind::Track && e.name.is_none() {
@@ -224,7 +224,7 @@ fn convert_event(mp: MpEvent, at: &str, now_ms: i64) -> Result<Event, IngestErro
         )));
     }
     if let Some(Value::String(session)) = data.remove("session_uuid") {
-        e.identities.session_id = Some(session);
+        e.identities.session_id = Some(session.into());
     }
     let mut properties = match data.remove("custom_attributes") {
         Some(Value::Object(attrs)) => attrs,

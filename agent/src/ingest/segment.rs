@@ -212,7 +212,8 @@ fn convert(call: &str, msg: Message, at: Where, now_ms: i64) -> Result<Incoming,
     }
     e.properties = msg.properties.unwrap_or_default();
     if let Some(category) = msg.category {
-        e.properties.insert("category", Value::String(category));
+        e.properties
+            .insert("category", Value::String(category.into()));
     }
     e.traits = msg.traits.unwrap_or_default();
     e.context = msg.context.unwrap_or_default();

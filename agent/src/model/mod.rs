@@ -5,7 +5,7 @@ mod event;
 mod value;
 
 pub use event::{ConsentSnapshot, DeviceId, Event, EventId, EventKind, Identities, Seq, Source};
-pub use value::{Map, Value, MAX_DEPTH};
+pub use value::{Map, Str, Value, MAX_DEPTH};
 
 /// Milliseconds since the Unix epoch, wall clock.
 pub fn now_ms() -> i64 {

@@ -12,6 +12,10 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
+/// Keys and string values: inline up to 24 bytes (most of them), so a map is one
+/// allocation rather than one per key and value.
+pub type Str = compact_str::CompactString;
+
 /// Deepest nesting of arrays/objects accepted when decoding a [`Value`].
 pub const MAX_DEPTH: u32 = 32;
 
@@ -24,7 +28,7 @@ pub enum Value {
     /// Only for integers above `i64::MAX`.
     UInt(u64),
     Float(f64),
-    String(String),
+    String(Str),
     Array(Vec<Value>),
     Object(Map),
 }
@@ -37,7 +41,7 @@ pub enum Value {
 /// is written out by walking it, with no per-object sort or allocation per
 /// destination, and looked up by binary search.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Map(Vec<(String, Value)>);
+pub struct Map(Vec<(Str, Value)>);
 
 impl Map {
     pub fn new() -> Self {
@@ -45,13 +49,13 @@ impl Map {
     }
 
     /// A map of `entries` in any order; of a repeated key the last value is kept.
-    fn from_entries(mut entries: Vec<(String, Value)>) -> Self {
+    fn from_entries(mut entries: Vec<(Str, Value)>) -> Self {
         // Decoded maps are almost always sorted already (every encoder writes a `Map`
         // in order); checking is one pass.
         if entries.windows(2).any(|w| w[0].0 >= w[1].0) {
             // Stable: among equal keys the original order stays, so the last is kept.
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut kept: Vec<(String, Value)> = Vec::with_capacity(entries.len());
+            let mut kept: Vec<(Str, Value)> = Vec::with_capacity(entries.len());
             for entry in entries {
                 match kept.last_mut() {
                     Some(last) if last.0 == entry.0 => *last = entry,
@@ -99,7 +103,7 @@ impl Map {
     }
 
     /// Sets `key`, replacing an existing entry.
-    pub fn insert(&mut self, key: impl Into<String>, value: Value) {
+    pub fn insert(&mut self, key: impl Into<Str>, value: Value) {
         let key = key.into();
         match self.position(&key) {
             Ok(at) => self.0[at].1 = value,
@@ -128,27 +132,27 @@ impl Map {
                         mine.merge_defaults(theirs);
                     }
                 }
-                Err(at) => self.0.insert(at, (key.to_owned(), default.clone())),
+                Err(at) => self.0.insert(at, (key.into(), default.clone())),
             }
         }
     }
 }
 
-impl FromIterator<(String, Value)> for Map {
-    fn from_iter<T: IntoIterator<Item = (String, Value)>>(iter: T) -> Self {
-        Map::from_entries(iter.into_iter().collect())
+impl<K: Into<Str>> FromIterator<(K, Value)> for Map {
+    fn from_iter<T: IntoIterator<Item = (K, Value)>>(iter: T) -> Self {
+        Map::from_entries(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
     }
 }
 
 impl From<&str> for Value {
     fn from(s: &str) -> Self {
-        Value::String(s.to_owned())
+        Value::String(s.into())
     }
 }
 
 impl From<String> for Value {
     fn from(s: String) -> Self {
-        Value::String(s)
+        Value::String(s.into())
     }
 }
 
@@ -163,11 +167,11 @@ impl Value {
     /// Converts a TOML value from the config file (datetimes become strings).
     pub fn from_toml(value: &toml::Value) -> Value {
         match value {
-            toml::Value::String(s) => Value::String(s.clone()),
+            toml::Value::String(s) => Value::String(s.into()),
             toml::Value::Integer(i) => Value::Int(*i),
             toml::Value::Float(f) => Value::Float(*f),
             toml::Value::Boolean(b) => Value::Bool(*b),
-            toml::Value::Datetime(d) => Value::String(d.to_string()),
+            toml::Value::Datetime(d) => Value::String(d.to_string().into()),
             toml::Value::Array(a) => Value::Array(a.iter().map(Value::from_toml).collect()),
             toml::Value::Table(t) => Value::Object(
                 t.iter()
@@ -228,7 +232,7 @@ enum Tagged {
     Int(i64),
     UInt(u64),
     Float(f64),
-    String(String),
+    String(Str),
     Array(Vec<Value>),
     Object(Map),
 }
@@ -310,10 +314,10 @@ impl<'de> Visitor<'de> for JsonVisitor {
         Ok(Value::Float(v))
     }
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+        Ok(Value::String(v.into()))
     }
     fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+        Ok(Value::String(v.into()))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
@@ -354,7 +358,7 @@ impl<'de> Visitor<'de> for MapVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Map, A::Error> {
         let mut out = Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
-        while let Some((k, v)) = access.next_entry::<String, Value>()? {
+        while let Some((k, v)) = access.next_entry::<Str, Value>()? {
             out.push((k, v));
         }
         Ok(Map::from_entries(out))
@@ -422,6 +426,12 @@ mod tests {
             serde_json::to_string(&mine).unwrap(),
             r#"{"app":{"name":"x","version":"1"},"locale":"en","os":"a"}"#
         );
+    }
+
+    #[test]
+    fn a_value_is_no_bigger_than_a_string_and_a_tag() {
+        // The inline strings must not grow every map entry.
+        assert!(std::mem::size_of::<Value>() <= 32);
     }
 
     #[test]

@@ -100,7 +100,7 @@ fn track(name: &str) -> Event {
 }
 
 fn s(text: &str) -> Value {
-    Value::String(text.to_owned())
+    Value::String(text.into())
 }
 
 #[test]
