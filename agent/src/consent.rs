@@ -144,7 +144,7 @@ impl ConsentPolicy {
                 .purposes
                 .iter()
                 .filter(|p| self.is_granted(state, &p.name))
-                .map(|p| p.name.clone())
+                .map(|p| p.name.as_str().into())
                 .collect(),
             ccpa_opt_out: state.is_some_and(|s| s.ccpa_opt_out),
         }

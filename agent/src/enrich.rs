@@ -81,24 +81,24 @@ impl Enricher {
         e.identities.device_id = device.clone();
 
         match &e.identities.anonymous_id {
-            Some(anon) => state.anonymous_id = Some(anon.clone()),
+            Some(anon) => state.anonymous_id = Some(anon.to_string()),
             None => {
                 let anon = state
                     .anonymous_id
                     .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
-                e.identities.anonymous_id = Some(anon.clone());
+                e.identities.anonymous_id = Some(anon.as_str().into());
             }
         }
         match &e.identities.user_id {
-            Some(user) => state.user_id = Some(user.clone()),
-            None => e.identities.user_id = state.user_id.clone(),
+            Some(user) => state.user_id = Some(user.to_string()),
+            None => e.identities.user_id = state.user_id.as_deref().map(Into::into),
         }
         if e.identities.session_id.is_none() {
             let expired = now_ms.saturating_sub(state.last_seen_ms) > self.session_timeout_ms;
             if expired || state.session_id.is_none() {
                 state.session_id = Some(now_ms.to_string());
             }
-            e.identities.session_id = state.session_id.clone();
+            e.identities.session_id = state.session_id.as_deref().map(Into::into);
         }
         state.last_seen_ms = now_ms;
         if !self.dirty.contains(&device) {
@@ -113,7 +113,7 @@ impl Enricher {
             }
             for (kind, value) in &mut e.identities.other {
                 if kind == key {
-                    *value = sha256_hex(value);
+                    *value = sha256_hex(value).into();
                 }
             }
         }
@@ -208,7 +208,7 @@ mod tests {
 
     fn incoming(user: Option<&str>, hint: Option<&str>) -> Incoming {
         let mut event = Event::new(EventKind::Track, Source::Segment, 0);
-        event.identities.user_id = user.map(str::to_owned);
+        event.identities.user_id = user.map(Into::into);
         Incoming {
             event,
             consent: None,

@@ -117,7 +117,7 @@ impl Intake {
                 match st.consent.policy().check(state, &inc.event) {
                     Ok(()) => {
                         inc.event.consent = st.consent.policy().snapshot(state);
-                        inc.event.lane = self.route(&inc.event).to_owned();
+                        inc.event.lane = self.route(&inc.event).into();
                         req.events.push(inc.event);
                     }
                     Err(denied) => {
@@ -207,7 +207,7 @@ impl Intake {
         e.timestamp_ms = cause.timestamp_ms;
         e.identities = cause.identities.clone();
         e.properties = change_properties(change);
-        e.lane = self.route(&e).to_owned();
+        e.lane = self.route(&e).into();
         e
     }
 
@@ -253,8 +253,8 @@ mod tests {
     fn track(user: Option<&str>, anonymous: Option<&str>, name: &str) -> Incoming {
         let mut event = Event::new(EventKind::Track, Source::Local, now_ms());
         event.name = Some(name.into());
-        event.identities.user_id = user.map(str::to_owned);
-        event.identities.anonymous_id = anonymous.map(str::to_owned);
+        event.identities.user_id = user.map(Into::into);
+        event.identities.anonymous_id = anonymous.map(Into::into);
         Incoming {
             event,
             consent: None,
@@ -284,9 +284,9 @@ mod tests {
             .for_each_event(|e| {
                 let ids = &e.identities;
                 out.push((
-                    ids.user_id.clone(),
-                    ids.anonymous_id.clone(),
-                    e.name.clone(),
+                    ids.user_id.as_deref().map(str::to_owned),
+                    ids.anonymous_id.as_deref().map(str::to_owned),
+                    e.name.as_deref().map(str::to_owned),
                 ));
                 Ok(())
             })

@@ -111,8 +111,8 @@ impl Agent {
         properties: Map,
     ) -> Result<Accepted, SpoolError> {
         let mut event = Event::new(EventKind::Track, Source::Local, now_ms());
-        event.name = Some(name.to_owned());
-        event.identities.user_id = user_id.map(str::to_owned);
+        event.name = Some(name.into());
+        event.identities.user_id = user_id.map(Into::into);
         event.properties = properties;
         self.submit(vec![Incoming {
             event,

@@ -102,8 +102,8 @@ fn lane_index(name: &str) -> usize {
 /// A small `track` event carrying a unique marker and `pad` bytes of filler.
 fn make_event(lane: &str, marker: u64, pad: usize, now_ms: i64) -> Event {
     let mut e = Event::new(EventKind::Track, Source::Local, now_ms);
-    e.lane = lane.to_owned();
-    e.name = Some(format!("event-{marker}"));
+    e.lane = lane.into();
+    e.name = Some(format!("event-{marker}").into());
     e.identities.device_id = DeviceId(DEVICE.to_owned());
     e.properties
         .insert("marker", Value::String(format!("m-{marker}").into()));
@@ -423,7 +423,7 @@ impl Harness {
         let mut events = self.build_events(specs);
         if unknown_lane {
             let last = events.len() - 1;
-            events[last].lane = "nope".to_owned();
+            events[last].lane = "nope".into();
             let result = self
                 .spool()
                 .append(AppendRequest {

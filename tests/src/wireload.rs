@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use edge_agent::model::{
-    now_ms, ConsentSnapshot, DeviceId, Event, EventId, EventKind, Map, Seq, Source, Value,
+    now_ms, ConsentSnapshot, DeviceId, Event, EventId, EventKind, Map, Seq, Source, Str, Value,
 };
 use edge_agent::spool::Drops;
 use edge_agent::wire::{self, Ack, Compression, Topics, UplinkBatch};
@@ -507,7 +507,7 @@ pub fn email(u: u64) -> String {
 }
 
 /// A stable anonymous id per user, shaped like the hex ids SDKs make.
-fn write_anonymous_id(out: &mut String, u: u64) {
+fn write_anonymous_id(out: &mut impl std::fmt::Write, u: u64) {
     // splitmix64: distinct users get unrelated-looking ids.
     let mut z = u.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -516,8 +516,8 @@ fn write_anonymous_id(out: &mut String, u: u64) {
     let _ = write!(out, "{z:016x}-{u:x}");
 }
 
-fn rewrite(slot: &mut Option<String>, f: impl FnOnce(&mut String)) {
-    let s = slot.get_or_insert_with(String::new);
+fn rewrite(slot: &mut Option<Str>, f: impl FnOnce(&mut Str)) {
+    let s = slot.get_or_insert_with(Str::default);
     s.clear();
     f(s);
 }
@@ -593,11 +593,11 @@ fn context(device: &DeviceId, rng: &mut StdRng) -> Map {
 
 fn base_event(kind: EventKind, device: &DeviceId, rng: &mut StdRng) -> Event {
     let mut e = Event::new(kind, Source::Segment, now_ms());
-    e.lane = LANE.to_owned();
+    e.lane = LANE.into();
     e.identities.device_id = device.clone();
     e.context = context(device, rng);
     e.consent = ConsentSnapshot {
-        granted: vec![PURPOSE.to_owned()],
+        granted: vec![PURPOSE.into()],
         ccpa_opt_out: false,
     };
     e
@@ -669,7 +669,7 @@ fn track_template(device: &DeviceId, rng: &mut StdRng) -> Event {
             ]),
         ),
     };
-    e.name = Some(name.to_owned());
+    e.name = Some(name.into());
     if let Value::Object(p) = properties {
         e.properties = p;
     }
@@ -807,7 +807,7 @@ mod tests {
         let expected: std::collections::HashSet<String> = (0..3).map(customer_id).collect();
         assert_eq!(
             anon.keys()
-                .cloned()
+                .map(ToString::to_string)
                 .collect::<std::collections::HashSet<_>>(),
             expected
         );
@@ -822,8 +822,8 @@ mod tests {
             .iter()
             .map(|e| {
                 (
-                    e.identities.user_id.clone().unwrap(),
-                    e.identities.anonymous_id.clone().unwrap(),
+                    e.identities.user_id.as_deref().unwrap().to_owned(),
+                    e.identities.anonymous_id.as_deref().unwrap().to_owned(),
                     e.traits.get_str("email").map(str::to_owned),
                 )
             })

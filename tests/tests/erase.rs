@@ -348,7 +348,7 @@ impl Device {
                 e.name = Some("Probe".into());
                 e.identities.device_id = DeviceId(DEVICE.into());
                 e.identities.user_id = Some(user.into());
-                e.identities.anonymous_id = Some(format!("anon-{user}"));
+                e.identities.anonymous_id = Some(format!("anon-{user}").into());
                 e.lane = "default".into();
                 e
             })

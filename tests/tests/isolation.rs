@@ -129,7 +129,7 @@ fn batch(device: &str, tag: &str, first: u64, n: u64) -> UplinkBatch {
             e.seq = Seq(first + i);
             e.name = Some("Isolation Probe".into());
             e.identities.device_id = DeviceId(device.into());
-            e.identities.user_id = Some(format!("user-{tag}"));
+            e.identities.user_id = Some(format!("user-{tag}").into());
             e.lane = LANE.into();
             e
         })

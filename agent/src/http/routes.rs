@@ -208,8 +208,8 @@ impl Api {
         }
         let now = now_ms();
         let mut event = Event::new(EventKind::Consent, Source::Local, now);
-        event.identities.user_id = body.user_id;
-        event.identities.anonymous_id = body.anonymous_id;
+        event.identities.user_id = body.user_id.map(Into::into);
+        event.identities.anonymous_id = body.anonymous_id.map(Into::into);
         let incoming = Incoming {
             event,
             consent: Some(ConsentUpdate {

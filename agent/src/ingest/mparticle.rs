@@ -163,8 +163,11 @@ fn convert_batch(
                 e.timestamp_ms = ts;
             }
         }
-        e.identities.user_id = user_id.clone();
-        e.identities.other = identities.clone();
+        e.identities.user_id = user_id.as_deref().map(Into::into);
+        e.identities.other = identities
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+            .collect();
         e.traits = traits.clone();
         e.context = context.clone();
         out.push(Incoming {
@@ -215,7 +218,7 @@ fn convert_event(mp: MpEvent, at: &str, now_ms: i64) -> Result<Event, IngestErro
         _ => "event_name",
     };
     e.name = match data.remove(name_field) {
-        Some(Value::String(n)) => Some(n.into()),
+        Some(Value::String(n)) => Some(n),
         _ => None,
     };
     if kind == EventKind::Track && e.name.is_none() {
@@ -224,7 +227,7 @@ fn convert_event(mp: MpEvent, at: &str, now_ms: i64) -> Result<Event, IngestErro
         )));
     }
     if let Some(Value::String(session)) = data.remove("session_uuid") {
-        e.identities.session_id = Some(session.into());
+        e.identities.session_id = Some(session);
     }
     let mut properties = match data.remove("custom_attributes") {
         Some(Value::Object(attrs)) => attrs,

@@ -183,19 +183,24 @@ fn convert(call: &str, msg: Message, at: Where, now_ms: i64) -> Result<Incoming,
                 .event
                 .filter(|n| !n.is_empty())
                 .ok_or_else(|| missing("event"))?;
-            Some(name)
+            Some(name.into())
         }
-        EventKind::Page | EventKind::Screen => msg.name,
+        EventKind::Page | EventKind::Screen => msg.name.map(Into::into),
         _ => None,
     };
     let ids = &mut e.identities;
-    ids.user_id = msg.user_id.map(Id::into_string).filter(|s| !s.is_empty());
+    ids.user_id = msg
+        .user_id
+        .map(Id::into_string)
+        .filter(|s| !s.is_empty())
+        .map(Into::into);
     ids.anonymous_id = msg
         .anonymous_id
         .map(Id::into_string)
-        .filter(|s| !s.is_empty());
-    ids.group_id = msg.group_id.map(Id::into_string);
-    ids.previous_id = msg.previous_id.map(Id::into_string);
+        .filter(|s| !s.is_empty())
+        .map(Into::into);
+    ids.group_id = msg.group_id.map(|id| id.into_string().into());
+    ids.previous_id = msg.previous_id.map(|id| id.into_string().into());
     if kind == EventKind::Group && ids.group_id.is_none() {
         return Err(missing("groupId"));
     }

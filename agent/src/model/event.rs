@@ -8,7 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use super::value::Map;
+use super::value::{Map, Str};
 
 /// 128-bit event id. From a UUID `messageId` / `source_message_id` when the app gave
 /// one, a hash of any other given id (so retries of one message keep one id), else random.
@@ -131,21 +131,21 @@ pub enum Source {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Identities {
     pub device_id: DeviceId,
-    pub user_id: Option<String>,
-    pub anonymous_id: Option<String>,
-    pub session_id: Option<String>,
-    pub group_id: Option<String>,
+    pub user_id: Option<Str>,
+    pub anonymous_id: Option<Str>,
+    pub session_id: Option<Str>,
+    pub group_id: Option<Str>,
     /// Segment alias `previousId`.
-    pub previous_id: Option<String>,
+    pub previous_id: Option<Str>,
     /// Other identities by type (mParticle `user_identities`: email, customer_id, ...).
-    pub other: Vec<(String, String)>,
+    pub other: Vec<(Str, Str)>,
 }
 
 /// The consent in force when the event was accepted.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ConsentSnapshot {
     /// Purposes granted for the event's subject.
-    pub granted: Vec<String>,
+    pub granted: Vec<Str>,
     /// The subject opted out of sale/sharing (CCPA).
     pub ccpa_opt_out: bool,
 }
@@ -157,20 +157,20 @@ pub struct Event {
     pub seq: Seq,
     pub kind: EventKind,
     /// Event name (track), page/screen name; `None` for kinds without one.
-    pub name: Option<String>,
+    pub name: Option<Str>,
     /// Device time of the event, ms since the epoch, as the app reported it.
     pub timestamp_ms: i64,
     /// Agent time at accept, ms since the epoch.
     pub received_ms: i64,
     /// The app's message id when it is not a UUID (a UUID is the `id` itself).
-    pub message_id: Option<String>,
+    pub message_id: Option<Str>,
     pub identities: Identities,
     pub properties: Map,
     pub traits: Map,
     pub context: Map,
     pub consent: ConsentSnapshot,
     /// Spool lane name.
-    pub lane: String,
+    pub lane: Str,
     pub source: Source,
 }
 
@@ -190,7 +190,7 @@ impl Event {
             traits: Map::new(),
             context: Map::new(),
             consent: ConsentSnapshot::default(),
-            lane: String::new(),
+            lane: Str::default(),
             source,
         }
     }
@@ -200,7 +200,7 @@ impl Event {
     pub fn set_message_id(&mut self, message_id: &str) {
         self.id = EventId::from_message_id(message_id);
         if uuid::Uuid::try_parse(message_id).is_err() {
-            self.message_id = Some(message_id.to_owned());
+            self.message_id = Some(message_id.into());
         }
     }
 

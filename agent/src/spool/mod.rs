@@ -142,7 +142,7 @@ fn prepare(req: AppendRequest) -> Prepared {
         let seq_at = postcard::to_stdvec(&event.id).map(|v| v.len()).unwrap_or(0);
         match postcard::to_stdvec(&event) {
             Ok(bytes) => encoded.push(Encoded {
-                lane: std::mem::take(&mut event.lane),
+                lane: std::mem::take(&mut event.lane).into(),
                 device: std::mem::take(&mut event.identities.device_id.0),
                 bytes,
                 seq_at,

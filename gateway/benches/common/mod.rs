@@ -38,8 +38,8 @@ pub fn event(i: u64, u: u64, seeded: bool, context: &Map) -> Event {
     } else {
         (format!("cust-{u:07}"), format!("anon-{u:07}"))
     };
-    e.identities.user_id = Some(customer);
-    e.identities.anonymous_id = Some(anonymous);
+    e.identities.user_id = Some(customer.into());
+    e.identities.anonymous_id = Some(anonymous.into());
     e.context = context.clone();
     e.consent = ConsentSnapshot {
         granted: vec!["analytics".into()],

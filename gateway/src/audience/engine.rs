@@ -554,7 +554,7 @@ impl Audiences {
             edge_agent::model::Source::Segment,
             at_ms,
         );
-        e.name = Some(event.to_owned());
+        e.name = Some(event.into());
         let now = inner.now();
         let mut p = 1;
         while p <= n {

@@ -51,7 +51,7 @@ mod reference;
 mod render;
 
 use edge_agent::ingest::format_timestamp;
-use edge_agent::model::{EventKind, Map as AgentMap, Value as AgentValue};
+use edge_agent::model::{EventKind, Map as AgentMap, Str, Value as AgentValue};
 use serde_json::Value;
 
 use self::render::{agent_entries, set, Body, Entries, MessageId, Node, Obj};
@@ -185,7 +185,7 @@ impl Route {
         // older grant cannot widen what the user allowed when the event happened,
         // and an older denial was already in the event's snapshot.
         let later = profile.updated_ms > routed.record.corrected_timestamp_ms;
-        let has = |list: &[String], p: &str| list.iter().any(|g| g.eq_ignore_ascii_case(p));
+        let has = |list: &[Str], p: &str| list.iter().any(|g| g.eq_ignore_ascii_case(p));
         for purpose in &self.require_purposes {
             if !has(&snapshot.granted, purpose) {
                 return false;

@@ -20,11 +20,14 @@ pub fn to_segment(record: &InboxRecord) -> Value {
     let mut out = Map::new();
     out.insert(
         "messageId".into(),
-        json!(e.message_id.clone().unwrap_or_else(|| e.id.to_string())),
+        json!(e
+            .message_id
+            .as_deref()
+            .map_or_else(|| e.id.to_string(), str::to_owned)),
     );
     out.insert("type".into(), json!(kind));
     if kind == "track" {
-        let name = e.name.clone().unwrap_or_else(|| e.kind.as_str().to_owned());
+        let name = e.name.as_deref().unwrap_or(e.kind.as_str()).to_owned();
         out.insert("event".into(), json!(name));
     } else if let Some(name) = &e.name {
         out.insert("name".into(), json!(name));
@@ -67,7 +70,7 @@ pub fn to_segment(record: &InboxRecord) -> Value {
         let other: Map<String, Value> = ids
             .other
             .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
+            .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
         context.insert("externalIds".into(), Value::Object(other));
     }

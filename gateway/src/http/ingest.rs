@@ -9,7 +9,7 @@
 use crate::clock::now_ms;
 use bytes::Bytes;
 use edge_agent::ingest::{mparticle, segment, Incoming};
-use edge_agent::model::{ConsentSnapshot, DeviceId, Event};
+use edge_agent::model::{ConsentSnapshot, DeviceId, Event, Str};
 use hyper::header::HeaderMap;
 use hyper::StatusCode;
 
@@ -171,7 +171,7 @@ fn feed_call(body: &[u8]) -> Result<String, ApiError> {
 /// consent the request stated.
 fn stamp(incoming: Incoming, sender: &DeviceId) -> Event {
     let mut event = incoming.event;
-    event.lane = LANE.to_owned();
+    event.lane = LANE.into();
     event.identities.device_id = sender.clone();
     event.consent = snapshot(incoming.consent.as_ref());
     event
@@ -184,11 +184,11 @@ fn snapshot(update: Option<&edge_agent::consent::ConsentUpdate>) -> ConsentSnaps
     let Some(update) = update else {
         return ConsentSnapshot::default();
     };
-    let mut granted: Vec<String> = update
+    let mut granted: Vec<Str> = update
         .purposes
         .iter()
         .filter(|(_, g)| *g)
-        .map(|(p, _)| p.to_lowercase())
+        .map(|(p, _)| p.to_lowercase().into())
         .collect();
     granted.sort();
     granted.dedup();

@@ -295,8 +295,8 @@ mod tests {
 
     fn event(user: Option<&str>, anon: Option<&str>) -> Event {
         let mut e = Event::new(EventKind::Track, Source::Segment, 0);
-        e.identities.user_id = user.map(String::from);
-        e.identities.anonymous_id = anon.map(String::from);
+        e.identities.user_id = user.map(Into::into);
+        e.identities.anonymous_id = anon.map(Into::into);
         e
     }
 

@@ -31,7 +31,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::clock::now_ms;
-use edge_agent::model::{DeviceId, Value};
+use edge_agent::model::{DeviceId, Str, Value};
 use redb::{Database, ReadableDatabase};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -55,9 +55,9 @@ pub const STAGE_NAME: &str = "@profiles";
 #[derive(Debug, Clone, PartialEq, Default, Serialize, serde::Deserialize)]
 pub struct ProfileConsent {
     /// Purposes granted (declared names).
-    pub granted: Vec<String>,
+    pub granted: Vec<Str>,
     /// Purposes explicitly denied.
-    pub denied: Vec<String>,
+    pub denied: Vec<Str>,
     pub ccpa_opt_out: bool,
     /// When this state was stated (event time), ms since the epoch; 0 = never.
     pub updated_ms: i64,

@@ -1,7 +1,7 @@
 //! The stored profile: what one event does to it, how two profiles merge, and what
 //! is shown of it (admin view, per-event enrichment). Pure: no storage here.
 
-use edge_agent::model::{EventKind, Value};
+use edge_agent::model::{EventKind, Str, Value};
 use serde::{Deserialize, Serialize};
 
 use super::computed::{Spec, State};
@@ -79,7 +79,7 @@ impl Profile {
         let states_consent =
             event.kind == EventKind::Consent || !consent.granted.is_empty() || consent.ccpa_opt_out;
         if states_consent && at_ms >= self.consent.updated_ms {
-            let mut denied: Vec<String> = self
+            let mut denied: Vec<Str> = self
                 .consent
                 .granted
                 .iter()

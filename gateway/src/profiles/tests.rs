@@ -161,8 +161,8 @@ impl Env {
 
 fn ev(kind: EventKind, user: Option<&str>, anon: Option<&str>) -> Event {
     let mut e = Event::new(kind, Source::Segment, now_ms());
-    e.identities.user_id = user.map(String::from);
-    e.identities.anonymous_id = anon.map(String::from);
+    e.identities.user_id = user.map(Into::into);
+    e.identities.anonymous_id = anon.map(Into::into);
     e
 }
 

@@ -468,7 +468,7 @@ fn baseline_pool(config_text: &str) -> Result<Vec<Vec<u8>>> {
             enricher.enrich(&mut incoming, now);
             let mut event = incoming.event;
             event.consent = policy.snapshot(None);
-            event.lane = config.spool.default_lane.clone();
+            event.lane = config.spool.default_lane.as_str().into();
             event.seq = edge_agent::model::Seq(seq);
             seq += 1;
             pool.push(postcard::to_stdvec(&event)?);

@@ -87,7 +87,7 @@ impl Facts {
 
 fn event(kind: EventKind, name: &str, properties: &[(&str, Value)]) -> Event {
     let mut e = Event::new(kind, Source::Segment, T0);
-    e.name = Some(name.to_owned());
+    e.name = Some(name.into());
     e.properties = properties
         .iter()
         .map(|(k, v)| ((*k).to_owned(), v.clone()))

@@ -37,7 +37,7 @@ pub(super) struct AudState {
     /// last event.
     pub attrs: Vec<(String, Value)>,
     /// Consent purposes granted.
-    pub granted: Vec<String>,
+    pub granted: Vec<edge_agent::model::Str>,
     pub ccpa_opt_out: bool,
     /// The profile's identifiers and devices, for change records and member lists.
     pub identities: Vec<(String, String)>,

@@ -172,8 +172,8 @@ impl Env {
 fn track(user: Option<&str>, anon: Option<&str>, name: &str) -> Event {
     let mut e = Event::new(EventKind::Track, Source::Segment, now_ms());
     e.name = Some(name.into());
-    e.identities.user_id = user.map(String::from);
-    e.identities.anonymous_id = anon.map(String::from);
+    e.identities.user_id = user.map(Into::into);
+    e.identities.anonymous_id = anon.map(Into::into);
     e
 }
 

@@ -439,7 +439,7 @@ fn letter_record(destination: &str, call: &Call, key: EventId) -> Routed {
     let now = crate::clock::now_ms();
     let mut event = Event::new(EventKind::Track, Source::Local, now);
     event.id = key;
-    event.name = Some(format!("Audience {}", call.audience));
+    event.name = Some(format!("Audience {}", call.audience).into());
     let members = call.add.iter().chain(call.remove.iter());
     let identities = members
         .clone()

@@ -61,7 +61,10 @@ pub(super) fn build(route: &Route, routed: &Routed) -> Value {
     let mut out = Map::new();
     // The app's own messageId when it gave one (tools correlate and dedupe by it);
     // the event id (also the Idempotency-Key) otherwise.
-    let message_id = e.message_id.clone().unwrap_or_else(|| e.id.to_string());
+    let message_id = e
+        .message_id
+        .as_deref()
+        .map_or_else(|| e.id.to_string(), str::to_owned);
     out.insert("messageId".into(), json!(message_id));
     out.insert("type".into(), json!(kind));
     match (kind, event_name(&e.kind, e.name.as_deref())) {

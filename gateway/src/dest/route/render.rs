@@ -26,7 +26,7 @@ pub(super) enum Node<'a> {
     Object(Obj<'a>),
     /// The event's consent summary: `{"ccpaOptOut": .., "granted": [..]}`.
     Consent {
-        granted: &'a [String],
+        granted: &'a [edge_agent::model::Str],
         ccpa: bool,
     },
     /// `context.externalIds`: `[{"id": .., "type": ..}]`.
