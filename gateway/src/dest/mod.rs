@@ -263,7 +263,11 @@ impl Registry {
         outbox::dead_letters::erase(
             &self.ctx.store,
             erased.profile_id,
-            erased.identities.clone(),
+            erased
+                .identities
+                .iter()
+                .map(|(t, v)| (t.to_string(), v.to_string()))
+                .collect(),
         )
         .await
     }

@@ -69,10 +69,10 @@ pub struct Enrichment {
     pub profile_id: u64,
     /// The profile's identifiers `(type, value)` (all types; destinations cut them to
     /// their allowlist).
-    pub identities: Vec<(String, String)>,
+    pub identities: Vec<(Str, Str)>,
     /// Profile attributes and computed attributes named by some destination's
     /// `attributes` allowlist (only those: nothing else is kept per event).
-    pub attributes: Vec<(String, Value)>,
+    pub attributes: Vec<(Str, Value)>,
     pub consent: ProfileConsent,
 }
 
@@ -100,8 +100,8 @@ pub struct RoutedPage {
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct ProfileView {
     pub id: u64,
-    pub identities: Vec<(String, String)>,
-    pub attributes: Vec<(String, Value)>,
+    pub identities: Vec<(Str, Str)>,
+    pub attributes: Vec<(Str, Value)>,
     pub computed: Vec<(String, Value)>,
     pub consent: ProfileConsent,
     /// Devices (agent ids) the profile's events came from.
@@ -117,7 +117,7 @@ pub struct ProfileView {
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Erased {
     pub profile_id: u64,
-    pub identities: Vec<(String, String)>,
+    pub identities: Vec<(Str, Str)>,
     /// Devices that held the user: each gets a `PurgeUser` per entry of `user_ids`.
     pub devices: Vec<DeviceId>,
     /// The user's customer ids and anonymous ids, as agents know them.

@@ -17,7 +17,7 @@ pub const MAX_ATTRIBUTES: usize = 256;
 /// One attribute with the event time that set it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attribute {
-    pub name: String,
+    pub name: Str,
     pub value: Value,
     pub updated_ms: i64,
 }
@@ -29,7 +29,7 @@ pub struct Profile {
     /// Identifiers `(type, value)` linked to this profile. Invariants:
     /// 1. the `ids` table maps each of them to this profile, and nothing else to it;
     /// 2. at most one value per unique type.
-    pub identities: Vec<(String, String)>,
+    pub identities: Vec<(Str, Str)>,
     pub attributes: Vec<Attribute>,
     /// Per computed attribute name, its state.
     pub computed: Vec<(String, State)>,
@@ -129,7 +129,7 @@ impl Profile {
             }
         } else if self.attributes.len() < MAX_ATTRIBUTES {
             self.attributes.push(Attribute {
-                name: name.to_owned(),
+                name: name.into(),
                 value: value.clone(),
                 updated_ms: at_ms,
             });
@@ -162,7 +162,7 @@ impl Profile {
         specs: &[Spec],
         max_identities: usize,
         now: i64,
-    ) -> Vec<(String, String)> {
+    ) -> Vec<(Str, Str)> {
         let mut dropped = Vec::new();
         for (t, v) in other.identities {
             if self.has_identity(&t, &v) {
@@ -224,9 +224,9 @@ impl Profile {
         let mut attributes = Vec::new();
         for name in allow {
             if let Some(spec) = specs.iter().find(|s| s.name == *name) {
-                attributes.push((name.clone(), self.computed_value(spec, now)));
+                attributes.push((name.as_str().into(), self.computed_value(spec, now)));
             } else if let Some(a) = self.attributes.iter().find(|a| a.name == *name) {
-                attributes.push((name.clone(), a.value.clone()));
+                attributes.push((name.as_str().into(), a.value.clone()));
             }
         }
         Enrichment {

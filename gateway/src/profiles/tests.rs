@@ -289,7 +289,7 @@ async fn logging_in_after_anonymous_browsing_merges_and_keeps_earlier_attributes
     );
     assert!(last
         .identities
-        .contains(&("customer_id".to_owned(), "ann".to_owned())));
+        .contains(&("customer_id".into(), "ann".into())));
 }
 
 #[tokio::test]

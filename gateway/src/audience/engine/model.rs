@@ -233,15 +233,23 @@ impl Model {
                 .computed
                 .iter()
                 .find(|(n, _)| n == name)
-                .or_else(|| view.attributes.iter().find(|(n, _)| n == name))
-                .map(|(_, v)| v.clone());
+                .map(|(_, v)| v)
+                .or_else(|| {
+                    let attrs = &view.attributes;
+                    attrs.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+                })
+                .cloned();
             if let Some(v) = value {
                 state.attrs.push((name.clone(), v));
             }
         }
         state.granted.clone_from(&view.consent.granted);
         state.ccpa_opt_out = view.consent.ccpa_opt_out;
-        state.identities.clone_from(&view.identities);
+        state.identities = view
+            .identities
+            .iter()
+            .map(|(t, v)| (t.to_string(), v.to_string()))
+            .collect();
         state.devices.clone_from(&view.devices);
     }
 

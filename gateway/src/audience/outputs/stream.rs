@@ -443,7 +443,7 @@ fn letter_record(destination: &str, call: &Call, key: EventId) -> Routed {
     let members = call.add.iter().chain(call.remove.iter());
     let identities = members
         .clone()
-        .flat_map(|(_, ids)| ids.iter().cloned())
+        .flat_map(|(_, ids)| ids.iter().map(|(t, v)| (t.into(), v.into())))
         .collect();
     Routed {
         seq: call.last_seq,

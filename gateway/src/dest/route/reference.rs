@@ -47,8 +47,11 @@ fn identities_out(route: &Route, routed: &Routed) -> Vec<(String, String)> {
         let value = own
             .iter()
             .find(|(k, _)| k == t)
-            .or_else(|| routed.enrichment.identities.iter().find(|(k, _)| k == t))
-            .map(|(_, v)| v.as_str());
+            .map(|(_, v)| v.as_str())
+            .or_else(|| {
+                let ids = &routed.enrichment.identities;
+                ids.iter().find(|(k, _)| k == t).map(|(_, v)| v.as_str())
+            });
         add_identity(&mut out, t, value);
     }
     out
@@ -158,9 +161,9 @@ fn traits(route: &Route, routed: &Routed) -> Map<String, Value> {
     }
     if let Some(allow) = &route.attributes {
         for (name, value) in &routed.enrichment.attributes {
-            if allow.iter().any(|a| a == name) && !traits.contains_key(name) {
+            if allow.iter().any(|a| a == name) && !traits.contains_key(name.as_str()) {
                 traits.insert(
-                    name.clone(),
+                    name.to_string(),
                     serde_json::to_value(value).unwrap_or(Value::Null),
                 );
             }

@@ -365,7 +365,7 @@ impl Resolver {
             if full || taken || p.has_identity(id.ty, &id.value) {
                 continue;
             }
-            p.identities.push((id.ty.to_owned(), id.value.to_string()));
+            p.identities.push((id.ty.into(), id.value.as_ref().into()));
             cache.set_link(g, id.ty, &id.value, Some(target));
         }
         let Some(profile) = cache.profiles.get_mut(&target) else {
@@ -657,7 +657,7 @@ async fn erase(
         .identities
         .iter()
         .filter(|(t, _)| t == CUSTOMER_ID || t == ANONYMOUS_ID)
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| v.to_string())
         .collect();
     info!(
         profile = profile.id,
@@ -698,8 +698,8 @@ pub fn bulk_seed(shared: &Shared, n: u64) -> Result<(), StoreError> {
                 next += 1;
                 let mut p = Profile::new(id, now);
                 p.identities = vec![
-                    (CUSTOMER_ID.to_owned(), format!("seed-{id}")),
-                    (ANONYMOUS_ID.to_owned(), format!("seed-anon-{id}")),
+                    (CUSTOMER_ID.into(), format!("seed-{id}").into()),
+                    (ANONYMOUS_ID.into(), format!("seed-anon-{id}").into()),
                 ];
                 for (ty, v) in &p.identities {
                     id_key(&mut key, ty, v);
