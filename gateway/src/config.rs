@@ -92,6 +92,22 @@ pub struct GatewaySection {
     /// over every profile.
     #[serde(default = "default_sweep", deserialize_with = "duration")]
     pub audience_sweep: Duration,
+    /// Ingest pacing (see `pacing`): a device frame waits before its commit while the
+    /// profile stage or a streaming destination is more than this many events behind
+    /// the inbox; 0 = never.
+    #[serde(default = "default_pace_lag")]
+    pub pace_lag: u64,
+    /// Longest a frame waits for that.
+    #[serde(default = "default_pace_max_wait", deserialize_with = "duration")]
+    pub pace_max_wait: Duration,
+}
+
+fn default_pace_lag() -> u64 {
+    crate::profiles::TAIL_EVENTS as u64
+}
+
+fn default_pace_max_wait() -> Duration {
+    Duration::from_millis(50)
 }
 
 fn default_sweep() -> Duration {
@@ -112,6 +128,8 @@ impl Default for GatewaySection {
             cache_size: default_cache(),
             test_clock: false,
             audience_sweep: default_sweep(),
+            pace_lag: default_pace_lag(),
+            pace_max_wait: default_pace_max_wait(),
         }
     }
 }

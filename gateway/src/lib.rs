@@ -19,6 +19,7 @@ pub mod downlink;
 pub mod endpoint;
 pub mod http;
 pub mod ingress;
+pub mod pacing;
 pub mod pki;
 pub mod profiles;
 pub mod store;
@@ -266,6 +267,7 @@ pub async fn run(
                 sessions: Arc::clone(&sessions),
                 metrics: Arc::clone(&metrics),
                 downlinks: Arc::clone(&downlinks),
+                pacer: Arc::new(pacer(&config.gateway, &store, &profiles, &destinations)),
             });
             tasks.spawn(endpoint.run(mqtt, shutdown.clone()));
         }
@@ -292,6 +294,24 @@ pub async fn run(
     store.close().await;
     info!("Gateway stopped.");
     Ok(())
+}
+
+/// Ingest paced on the profile stage and the streaming destinations (see [`pacing`]).
+fn pacer(
+    settings: &config::GatewaySection,
+    store: &Store,
+    profiles: &Profiles,
+    destinations: &dest::Registry,
+) -> pacing::Pacer {
+    let resolved = profiles.resolved();
+    let mut readers: Vec<pacing::Position> = vec![Box::new(move || *resolved.borrow())];
+    readers.extend(destinations.pace_positions());
+    pacing::Pacer::new(
+        settings.pace_lag,
+        settings.pace_max_wait,
+        store.head(),
+        readers,
+    )
 }
 
 /// Pending connections the kernel may queue for the device endpoint. tokio's default

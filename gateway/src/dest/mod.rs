@@ -24,7 +24,7 @@ use std::time::Duration;
 use edge_agent::model::EventId;
 use tracing::{error, info};
 
-use crate::config::{DestinationConfig, DestinationKind};
+use crate::config::{DeliveryMode, DestinationConfig, DestinationKind};
 
 /// One event on its way out.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,9 +151,26 @@ struct Entry {
     name: String,
     kind: &'static str,
     stats: Arc<DestStats>,
+    /// Ingest waits for it when it falls behind (see [`crate::pacing`]).
+    paces: bool,
 }
 
 impl Registry {
+    /// The committed positions of the destinations ingest is paced on: streaming
+    /// event destinations without a rate limit.
+    pub fn pace_positions(&self) -> Vec<crate::pacing::Position> {
+        self.entries
+            .iter()
+            .filter(|e| e.paces)
+            .map(|e| {
+                let stats = Arc::clone(&e.stats);
+                let position: crate::pacing::Position =
+                    Box::new(move || stats.cursor.load(std::sync::atomic::Ordering::Relaxed));
+                position
+            })
+            .collect()
+    }
+
     fn entry(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.name == name)
     }
@@ -301,10 +318,15 @@ pub fn spawn_all(
             DestinationKind::AudienceFile => "audience_file",
             DestinationKind::AudiencePostgres => "audience_postgres",
         };
+        let event_kind = matches!(
+            d.kind,
+            DestinationKind::File | DestinationKind::Webhook | DestinationKind::Postgres
+        );
         entries.push(Entry {
             name: d.name.clone(),
             kind,
             stats: Arc::clone(&stats),
+            paces: event_kind && d.mode == DeliveryMode::Stream && d.rate_limit == 0,
         });
         let (d, ctx, token) = (d.clone(), ctx.clone(), shutdown.clone());
         match d.kind {

@@ -395,6 +395,7 @@ impl Session<'_> {
         if let Some(wait) = self.bucket.take(batch.events.len() as u64) {
             tokio::time::sleep(wait).await;
         }
+        self.ep.pacer.pace().await;
         let frame = ingress::commit_batch(store, metrics, &self.device, batch)
             .await
             .map_err(ConnError::from)?;

@@ -122,6 +122,8 @@ pub struct Endpoint {
     pub metrics: Arc<EndpointMetrics>,
     /// The durable downlink queues this endpoint delivers.
     pub downlinks: Arc<Downlinks>,
+    /// Holds frames back while the pipeline catches up.
+    pub pacer: Arc<crate::pacing::Pacer>,
 }
 
 impl std::fmt::Debug for Endpoint {

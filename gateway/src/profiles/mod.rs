@@ -24,6 +24,8 @@ mod identity;
 mod profile;
 mod stage;
 mod tail;
+
+pub use tail::TAIL_EVENTS;
 #[cfg(test)]
 mod tests;
 

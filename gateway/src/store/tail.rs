@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::InboxRecord;
 
 /// Most records kept; a decoded event is about 2 KiB.
-pub const INBOX_TAIL_EVENTS: usize = 4_096;
+pub const INBOX_TAIL_EVENTS: usize = 8_192;
 
 /// Consecutive inbox records, oldest first.
 #[derive(Debug, Default)]
