@@ -388,6 +388,7 @@ impl FileDestination {
                 break;
             }
             chunk.through = page.through;
+            self.stats.read.store(chunk.through, Ordering::Relaxed);
             looked += page.events.len();
             if chunk.lines.capacity() == 0 {
                 chunk.lines.reserve(page.events.len() * 512);

@@ -156,7 +156,7 @@ struct Entry {
 }
 
 impl Registry {
-    /// The committed positions of the destinations ingest is paced on: streaming
+    /// The read positions of the destinations ingest is paced on: streaming
     /// event destinations without a rate limit.
     pub fn pace_positions(&self) -> Vec<crate::pacing::Position> {
         self.entries
@@ -164,8 +164,10 @@ impl Registry {
             .filter(|e| e.paces)
             .map(|e| {
                 let stats = Arc::clone(&e.stats);
-                let position: crate::pacing::Position =
-                    Box::new(move || stats.cursor.load(std::sync::atomic::Ordering::Relaxed));
+                let position: crate::pacing::Position = Box::new(move || {
+                    let read = stats.read.load(std::sync::atomic::Ordering::Relaxed);
+                    read.max(stats.cursor.load(std::sync::atomic::Ordering::Relaxed))
+                });
                 position
             })
             .collect()
@@ -403,6 +405,10 @@ async fn connect_postgres(
 pub struct DestStats {
     /// Inbox seq the destination's committed cursor is at.
     pub cursor: std::sync::atomic::AtomicU64,
+    /// Inbox seq it has read resolved events up to: ahead of `cursor` by what is
+    /// being rendered, written or sent. Ingest pacing looks at this one: what decides
+    /// whether its reads come from memory is how far they are behind.
+    pub read: std::sync::atomic::AtomicU64,
     pub delivered: std::sync::atomic::AtomicU64,
     pub filtered: std::sync::atomic::AtomicU64,
     pub retries: std::sync::atomic::AtomicU64,

@@ -424,6 +424,9 @@ impl<S: Sink> Driver<S> {
             }
         }
         self.read_pos = self.read_pos.max(page.through);
+        self.stats
+            .read
+            .store(self.read_pos, std::sync::atomic::Ordering::Relaxed);
         if self.pending.is_empty() {
             self.window.push_skipped(self.read_pos);
         }

@@ -160,9 +160,11 @@ pub struct Profiles {
 impl Profiles {
     /// Opens (creating or recovering) `profiles.redb` at `path`.
     pub fn open(path: &Path, config: &GatewayConfig) -> Result<Self, StoreError> {
-        // The whole page cache budget: profile writes touch pages all over the file,
-        // while the inbox store mostly appends and is read from memory.
-        let cache = usize::try_from(config.gateway.cache_size.0).unwrap_or(usize::MAX);
+        // Half the page cache budget (the inbox store and audiences.redb a quarter
+        // each): profile writes touch pages all over the file, while the inbox store
+        // mostly appends and is read from memory. Pages beyond it are read through the
+        // OS page cache, which RSS does not count.
+        let cache = usize::try_from(config.gateway.cache_size.0 / 2).unwrap_or(usize::MAX);
         let db = db::open(path, cache)?;
         let cursor = {
             let r = db.begin_read().st()?;
