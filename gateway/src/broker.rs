@@ -523,7 +523,7 @@ impl BrokerConsumer {
         max: usize,
     ) -> Result<Vec<u8>, IngressError> {
         let batch = ingress::verify_batch(&self.store, &self.metrics, device, payload, max)?;
-        let sent_at_ms = batch.sent_at_ms;
+        let sent_at_ms = batch.batch.sent_at_ms;
         let frame = ingress::commit_batch(&self.store, &self.metrics, device, batch).await?;
         let confirmed = awaiting.confirmed(device, sent_at_ms);
         if let Err(e) = self.downlinks.remove(device, confirmed).await {

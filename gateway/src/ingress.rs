@@ -19,7 +19,7 @@
 use std::sync::atomic::Ordering;
 
 use edge_agent::model::{now_ms, DeviceId};
-use edge_agent::wire::{self, Ack, Compression, Downlink, EncodeError, SeqRange, UplinkBatch};
+use edge_agent::wire::{self, Ack, BatchWithBytes, Compression, Downlink, EncodeError, SeqRange};
 use tracing::warn;
 
 use crate::endpoint::EndpointMetrics;
@@ -55,20 +55,21 @@ pub enum IngressError {
 }
 
 /// Decodes an uplink frame from `sender` and checks that it is `sender`'s. The caller
-/// may hold the batch back (rate limit) before [`commit_batch`].
+/// may hold the batch back (rate limit) before [`commit_batch`]. The events' bytes are
+/// kept: the inbox stores them as sent.
 pub fn verify_batch(
     store: &Store,
     metrics: &EndpointMetrics,
     sender: &DeviceId,
     payload: &[u8],
     max_frame: usize,
-) -> Result<UplinkBatch, FrameRejected> {
+) -> Result<BatchWithBytes, FrameRejected> {
     metrics
         .uplink_bytes
         .fetch_add(payload.len() as u64, Ordering::Relaxed);
-    let reason = match wire::decode_batch(payload, max_frame) {
-        Ok(batch) if batch.device == *sender => return Ok(batch),
-        Ok(batch) => format!("the frame names device `{}`", batch.device),
+    let reason = match wire::decode_batch_with_bytes(payload, max_frame) {
+        Ok(decoded) if decoded.batch.device == *sender => return Ok(decoded),
+        Ok(decoded) => format!("the frame names device `{}`", decoded.batch.device),
         Err(e) => e.to_string(),
     };
     Err(reject(store, metrics, sender, reason))
@@ -80,10 +81,10 @@ pub async fn commit_batch(
     store: &Store,
     metrics: &EndpointMetrics,
     sender: &DeviceId,
-    batch: UplinkBatch,
+    batch: BatchWithBytes,
 ) -> Result<Vec<u8>, IngressError> {
     let receipt = store
-        .receive(sender.clone(), batch, crate::clock::now_ms())
+        .receive_with_bytes(sender.clone(), batch, crate::clock::now_ms())
         .await?;
     let committed_ms = crate::clock::now_ms();
     metrics.event_latency.observe_ms(
@@ -198,7 +199,7 @@ mod tests {
                 e
             })
             .collect();
-        let b = UplinkBatch {
+        let b = edge_agent::wire::UplinkBatch {
             device: dev(device),
             lane: "default".into(),
             floor: Seq(1),

@@ -120,6 +120,70 @@ pub fn decode_batch(frame: &[u8], max_bytes: usize) -> Result<UplinkBatch, WireE
     decode(frame, max_bytes)
 }
 
+/// A batch decoded with each event's bytes as the agent encoded them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchWithBytes {
+    pub batch: UplinkBatch,
+    /// The message body (decompressed) the events were decoded from.
+    pub body: Vec<u8>,
+    /// Per event of `batch.events`, in order, where its postcard encoding lies in
+    /// `body`: a receiver storing events as postcard keeps these bytes instead of
+    /// encoding the event again.
+    pub spans: Vec<std::ops::Range<usize>>,
+}
+
+/// The fields of [`UplinkBatch`] before `events`, in its encoding order.
+#[derive(Deserialize)]
+struct BatchHead {
+    device: crate::model::DeviceId,
+    lane: String,
+    floor: crate::model::Seq,
+    sent_at_ms: i64,
+    drops: crate::spool::Drops,
+}
+
+/// [`decode_batch`], keeping where each event's bytes are (see [`BatchWithBytes`]).
+/// Accepts and refuses exactly the frames [`decode_batch`] does.
+pub fn decode_batch_with_bytes(
+    frame: &[u8],
+    max_bytes: usize,
+) -> Result<BatchWithBytes, WireError> {
+    let body = match frame_body(frame, max_bytes)? {
+        Body::Plain(body) => body.to_vec(),
+        Body::Inflated(raw) => raw,
+    };
+    let (head, mut rest) = take::<BatchHead>(&body)?;
+    let (count, after) = take::<u64>(rest)?;
+    rest = after;
+    // Every event takes at least one byte: a count above what is left is a lie, and
+    // must not size an allocation.
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|c| *c <= rest.len())
+        .ok_or(WireError::Truncated)?;
+    let mut events = Vec::with_capacity(count);
+    let mut spans = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = body.len() - rest.len();
+        let (event, after) = take::<crate::model::Event>(rest)?;
+        rest = after;
+        events.push(event);
+        spans.push(start..body.len() - rest.len());
+    }
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    let batch = UplinkBatch {
+        device: head.device,
+        lane: head.lane,
+        floor: head.floor,
+        sent_at_ms: head.sent_at_ms,
+        drops: head.drops,
+        events,
+    };
+    Ok(BatchWithBytes { batch, body, spans })
+}
+
 /// Encodes an ack (topic `…/ack`).
 pub fn encode_ack(ack: &Ack, compression: Compression) -> Result<Vec<u8>, EncodeError> {
     encode(ack, compression)
@@ -181,6 +245,20 @@ fn encode<M: Serialize>(msg: &M, compression: Compression) -> Result<Vec<u8>, En
 }
 
 fn decode<M: DeserializeOwned>(frame: &[u8], max_bytes: usize) -> Result<M, WireError> {
+    match frame_body(frame, max_bytes)? {
+        Body::Plain(body) => from_body(body),
+        Body::Inflated(raw) => from_body(&raw),
+    }
+}
+
+/// A frame's message body: as sent, or inflated.
+enum Body<'a> {
+    Plain(&'a [u8]),
+    Inflated(Vec<u8>),
+}
+
+/// Checks a frame's size, version and flags and returns its message body.
+fn frame_body(frame: &[u8], max_bytes: usize) -> Result<Body<'_>, WireError> {
     if frame.len() > max_bytes {
         return Err(WireError::TooLarge {
             size: frame.len(),
@@ -196,10 +274,9 @@ fn decode<M: DeserializeOwned>(frame: &[u8], max_bytes: usize) -> Result<M, Wire
         return Err(WireError::UnknownFlags(flags));
     }
     if flags & FLAG_COMPRESSED == 0 {
-        return from_body(body);
+        return Ok(Body::Plain(body));
     }
-    let raw = decompress(body, max_bytes)?;
-    from_body(&raw)
+    decompress(body, max_bytes).map(Body::Inflated)
 }
 
 fn decompress(body: &[u8], max_bytes: usize) -> Result<Vec<u8>, WireError> {
@@ -226,9 +303,16 @@ fn decompress(body: &[u8], max_bytes: usize) -> Result<Vec<u8>, WireError> {
 }
 
 fn from_body<M: DeserializeOwned>(body: &[u8]) -> Result<M, WireError> {
-    match postcard::take_from_bytes::<M>(body) {
-        Ok((msg, [])) => Ok(msg),
-        Ok((_, rest)) => Err(WireError::TrailingBytes(rest.len())),
+    match take::<M>(body)? {
+        (msg, []) => Ok(msg),
+        (_, rest) => Err(WireError::TrailingBytes(rest.len())),
+    }
+}
+
+/// One value from the front of `bytes`, and what follows it.
+fn take<M: DeserializeOwned>(bytes: &[u8]) -> Result<(M, &[u8]), WireError> {
+    match postcard::take_from_bytes::<M>(bytes) {
+        Ok(taken) => Ok(taken),
         Err(postcard::Error::DeserializeUnexpectedEnd) => Err(WireError::Truncated),
         Err(e) => Err(WireError::Malformed(e.to_string())),
     }
@@ -268,6 +352,46 @@ mod tests {
                 ..Drops::default()
             },
             events: (0..events as u64).map(|i| event(10 + 2 * i)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_batch_with_its_bytes_is_the_batch_and_each_span_is_its_event() {
+        let b = batch(40);
+        for compression in [Compression::None, Compression::Lz4] {
+            let frame = encode_batch(&b, compression).unwrap();
+            let got = decode_batch_with_bytes(&frame, DEFAULT_MAX_FRAME).unwrap();
+            assert_eq!(got.batch, b);
+            assert_eq!(got.spans.len(), b.events.len());
+            for (span, event) in got.spans.iter().zip(&b.events) {
+                let bytes = &got.body[span.clone()];
+                assert_eq!(bytes, postcard::to_stdvec(event).unwrap().as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_with_its_bytes_refuses_what_decode_batch_refuses() {
+        let frame = encode_batch(&batch(5), Compression::None).unwrap();
+        // Every truncation, a trailing byte, a wrong version, a lying event count.
+        let mut bad: Vec<Vec<u8>> = (0..frame.len()).map(|n| frame[..n].to_vec()).collect();
+        bad.push([frame.as_slice(), &[0]].concat());
+        let mut version = frame.clone();
+        version[0] = 9;
+        bad.push(version);
+        let mut flipped = frame.clone();
+        for at in (HEADER_LEN..frame.len()).step_by(7) {
+            flipped[at] ^= 0xff;
+            bad.push(flipped.clone());
+        }
+        for f in &bad {
+            let plain = decode_batch(f, DEFAULT_MAX_FRAME);
+            let spans = decode_batch_with_bytes(f, DEFAULT_MAX_FRAME);
+            match (plain, spans) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b.batch),
+                (Err(a), Err(b)) => assert_eq!(a, b, "frame {f:02x?}"),
+                (a, b) => panic!("disagree on {f:02x?}: {a:?} vs {b:?}"),
+            }
         }
     }
 

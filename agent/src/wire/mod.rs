@@ -52,8 +52,9 @@ pub mod uplink;
 pub use ack::{Ack, RejectReason, Rejected, SeqRange};
 pub use downlink::{AudienceUpdate, Control, Downlink};
 pub use frame::{
-    decode_ack, decode_batch, decode_downlink, decode_hello, encode_ack, encode_batch,
-    encode_downlink, encode_hello, Compression, EncodeError, WireError, DEFAULT_MAX_FRAME, VERSION,
+    decode_ack, decode_batch, decode_batch_with_bytes, decode_downlink, decode_hello, encode_ack,
+    encode_batch, encode_downlink, encode_hello, BatchWithBytes, Compression, EncodeError,
+    WireError, DEFAULT_MAX_FRAME, VERSION,
 };
 pub use topics::{DeviceTopics, TopicError, TopicKind, Topics};
 pub use uplink::{Hello, UplinkBatch};

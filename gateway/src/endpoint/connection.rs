@@ -392,7 +392,7 @@ impl Session<'_> {
         let Ok(batch) = ingress::verify_batch(store, metrics, &self.device, &payload, max) else {
             return Ok(());
         };
-        if let Some(wait) = self.bucket.take(batch.events.len() as u64) {
+        if let Some(wait) = self.bucket.take(batch.batch.events.len() as u64) {
             tokio::time::sleep(wait).await;
         }
         self.ep.pacer.pace().await;

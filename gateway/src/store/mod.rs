@@ -179,6 +179,9 @@ enum Command {
     Receive {
         sender: DeviceId,
         batch: UplinkBatch,
+        /// The events' bytes as the agent encoded them, when the caller has them:
+        /// (message body, one span per event).
+        sent: Option<(Vec<u8>, Vec<std::ops::Range<usize>>)>,
         received_ms: i64,
         reply: oneshot::Sender<Result<Receipt, StoreError>>,
     },
@@ -284,11 +287,35 @@ impl Store {
         batch: UplinkBatch,
         received_ms: i64,
     ) -> Result<Receipt, StoreError> {
+        self.receive_command(sender, batch, None, received_ms).await
+    }
+
+    /// [`Store::receive`] of a batch decoded with its events' bytes: those bytes are
+    /// stored as they came instead of encoding each event again.
+    pub async fn receive_with_bytes(
+        &self,
+        sender: DeviceId,
+        decoded: edge_agent::wire::BatchWithBytes,
+        received_ms: i64,
+    ) -> Result<Receipt, StoreError> {
+        let sent = Some((decoded.body, decoded.spans));
+        self.receive_command(sender, decoded.batch, sent, received_ms)
+            .await
+    }
+
+    async fn receive_command(
+        &self,
+        sender: DeviceId,
+        batch: UplinkBatch,
+        sent: Option<(Vec<u8>, Vec<std::ops::Range<usize>>)>,
+        received_ms: i64,
+    ) -> Result<Receipt, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Receive {
                 sender,
                 batch,
+                sent,
                 received_ms,
                 reply,
             })
@@ -597,9 +624,18 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
                 Command::Receive {
                     sender,
                     batch,
+                    sent,
                     received_ms,
                     reply,
-                } => match receive(&txn, &mut next, &sender, batch, received_ms, &mut fresh) {
+                } => match receive(
+                    &txn,
+                    &mut next,
+                    &sender,
+                    batch,
+                    sent,
+                    received_ms,
+                    &mut fresh,
+                ) {
                     Ok(r) => replies.push(Reply::Receive(reply, r)),
                     Err(e) => {
                         let _ = reply.send(Err(e.clone()));
@@ -690,11 +726,34 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
     }
 }
 
+/// An inbox record's stored bytes. With `event_bytes` (the event as the agent encoded
+/// it) only the fields before the event are encoded: postcard writes a struct as its
+/// fields one after the other, so this is the record's encoding without encoding the
+/// event again.
+fn encode_record(record: &InboxRecord, event_bytes: Option<&[u8]>) -> Result<Vec<u8>, StoreError> {
+    let encoded = match event_bytes {
+        None => postcard::to_stdvec(record),
+        Some(event) => {
+            let head = (
+                &record.sender,
+                record.received_ms,
+                record.corrected_timestamp_ms,
+            );
+            postcard::to_extend(&head, Vec::with_capacity(64 + event.len())).map(|mut out| {
+                out.extend_from_slice(event);
+                out
+            })
+        }
+    };
+    encoded.map_err(|e| StoreError::Storage(e.to_string()))
+}
+
 fn receive(
     txn: &WriteTransaction,
     next: &mut u64,
     sender: &DeviceId,
     batch: UplinkBatch,
+    sent: Option<(Vec<u8>, Vec<std::ops::Range<usize>>)>,
     received_ms: i64,
     fresh: &mut Vec<(u64, Arc<InboxRecord>)>,
 ) -> Result<Receipt, StoreError> {
@@ -719,7 +778,12 @@ fn receive(
     };
     {
         let mut inbox = txn.open_table(INBOX).st()?;
-        for event in batch.events {
+        for (i, event) in batch.events.into_iter().enumerate() {
+            // The event's bytes as sent, when the caller kept them.
+            let as_sent = sent.as_ref().and_then(|(body, spans)| {
+                let span = spans.get(i)?;
+                body.get(span.clone())
+            });
             let seq = event.seq;
             if seq.0 == 0 || event.lane != batch.lane {
                 receipt.rejected.push(Rejected {
@@ -738,8 +802,7 @@ fn receive(
                     corrected_timestamp_ms: event.timestamp_ms.saturating_add(skew),
                     event,
                 };
-                let bytes =
-                    postcard::to_stdvec(&record).map_err(|e| StoreError::Storage(e.to_string()))?;
+                let bytes = encode_record(&record, as_sent)?;
                 inbox.insert(*next, bytes.as_slice()).st()?;
                 fresh.push((*next, Arc::new(record)));
                 *next += 1;
@@ -909,6 +972,24 @@ mod tests {
             drops: Drops::default(),
             events,
         }
+    }
+
+    #[test]
+    fn a_record_stored_with_the_agents_event_bytes_is_the_record_encoded_whole() {
+        let mut event = Event::new(EventKind::Track, Source::Segment, 1_700_000_000_000);
+        event.name = Some("Played".into());
+        event.properties.insert("position", edge_agent::model::Value::Int(42));
+        let record = InboxRecord {
+            sender: DeviceId("tv-1".into()),
+            received_ms: 1_700_000_000_123,
+            corrected_timestamp_ms: -5,
+            event,
+        };
+        let whole = postcard::to_stdvec(&record).unwrap();
+        let event_bytes = postcard::to_stdvec(&record.event).unwrap();
+        let joined = encode_record(&record, Some(&event_bytes)).unwrap();
+        assert_eq!(joined, whole);
+        assert_eq!(encode_record(&record, None).unwrap(), whole);
     }
 
     /// Regression: the decoded tail stops taking records while full; the records
