@@ -96,7 +96,7 @@ async fn main() {
         for _ in 0..rounds {
             for routed in &resolved {
                 out.clear();
-                if route.render_into(routed, &mut out).unwrap() {
+                if route.render_into(routed, &mut out) {
                     rendered += 1;
                     bytes += out.len() as u64;
                 }

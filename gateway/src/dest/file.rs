@@ -68,9 +68,6 @@ pub enum FileDestError {
     /// Reading resolved events or committing the cursor failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// An event could not be written as JSON (a bug; the write is retried).
-    #[error(transparent)]
-    Render(#[from] super::route::RenderError),
     /// The blocking write task died.
     #[error("file destination write task: {0}")]
     Task(String),
@@ -394,7 +391,7 @@ impl FileDestination {
                 chunk.lines.reserve(page.events.len() * 512);
             }
             for routed in &page.events {
-                if route.render_into(routed, &mut chunk.lines)? {
+                if route.render_into(routed, &mut chunk.lines) {
                     chunk.lines.push(b'\n');
                     chunk.first.get_or_insert(routed.seq);
                     chunk.written += 1;

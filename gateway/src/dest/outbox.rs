@@ -556,26 +556,23 @@ impl<S: Sink> Driver<S> {
     }
 
     /// What this destination sends for `routed`; `None` when its route keeps the
-    /// event out, or (a bug, not bad input: logged with the seq) when it cannot be
-    /// written, so one such event does not stop the destination.
+    /// event out.
     fn render(&mut self, routed: &Routed) -> Option<Rendered> {
         self.scratch.clear();
-        let written = self
-            .route
-            .render_into(routed, &mut self.scratch)
-            .map_err(|e| e.to_string())
-            .and_then(|kept| {
-                let json = std::str::from_utf8(&self.scratch).map_err(|e| e.to_string())?;
-                Ok(kept.then(|| json.into()))
-            });
-        match written {
-            Ok(json) => json.map(|json| Rendered {
+        if !self.route.render_into(routed, &mut self.scratch) {
+            return None;
+        }
+        // Always UTF-8 (see `render_into`); checked rather than assumed, and an event
+        // that somehow is not is logged with its seq and skipped, not sent mangled.
+        match std::str::from_utf8(&self.scratch) {
+            Ok(json) => Some(Rendered {
                 seq: routed.seq,
                 event_id: routed.record.event.id,
                 profile_id: routed.enrichment.profile_id,
-                json,
+                json: json.into(),
             }),
             Err(e) => {
+                let e = e.to_string();
                 error!(destination = %self.name(), seq = routed.seq, error = %e, "Cannot render an event; skipping it.");
                 self.stats.set_error(&e);
                 None

@@ -46,26 +46,17 @@
 //! consent summary; only identities the allowlist names as living in `context`
 //! (device id, session id, external ids) remain there.
 
+mod json;
 #[cfg(test)]
 mod reference;
 mod render;
 
-use edge_agent::ingest::format_timestamp;
 use edge_agent::model::{EventKind, Map as AgentMap, Str, Value as AgentValue};
 use serde_json::Value;
 
 use self::render::{agent_entries, set, Body, Entries, MessageId, Node, Obj};
 use crate::config::DestinationConfig;
 use crate::profiles::Routed;
-
-/// An event that cannot be written as JSON. Our serializers only write string keys
-/// and plain values, so this is a bug, not bad input; it names the event.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot write inbox event {seq} as JSON: {message}")]
-pub struct RenderError {
-    pub seq: u64,
-    pub message: String,
-}
 
 /// A destination's filters, consent requirements and minimization, compiled once.
 #[derive(Debug, Clone)]
@@ -130,28 +121,22 @@ impl Route {
     /// admin API); delivery writes bytes with [`Route::render_into`].
     pub fn render(&self, routed: &Routed) -> Option<Value> {
         let mut out = Vec::new();
-        match self.render_into(routed, &mut out) {
-            // Our own output: it parses.
-            Ok(true) => serde_json::from_slice(&out).ok(),
-            Ok(false) | Err(_) => None,
+        if !self.render_into(routed, &mut out) {
+            return None;
         }
+        // Our own output: it parses.
+        serde_json::from_slice(&out).ok()
     }
 
     /// Appends the JSON text this destination receives for `routed` to `out`;
-    /// `Ok(false)`, with nothing written, when filters or consent keep it out.
-    pub fn render_into(&self, routed: &Routed, out: &mut Vec<u8>) -> Result<bool, RenderError> {
+    /// `false`, with nothing written, when filters or consent keep it out. Always
+    /// valid UTF-8 JSON: every key and value written is a `&str` or a number.
+    pub fn render_into(&self, routed: &Routed, out: &mut Vec<u8>) -> bool {
         if !self.passes_filters(routed) || !self.consent_allows(routed) {
-            return Ok(false);
+            return false;
         }
-        let start = out.len();
-        if let Err(e) = serde_json::to_writer(&mut *out, &self.body(routed)) {
-            out.truncate(start);
-            return Err(RenderError {
-                seq: routed.seq,
-                message: e.to_string(),
-            });
-        }
-        Ok(true)
+        self.body(routed).write(out);
+        true
     }
 
     fn passes_filters(&self, routed: &Routed) -> bool {
@@ -279,11 +264,11 @@ impl Route {
             group_id: None,
             message_id,
             name,
-            original_timestamp: format_timestamp(e.timestamp_ms),
+            original_timestamp: e.timestamp_ms,
             previous_id: None,
             properties: None,
-            received_at: format_timestamp(record.received_ms),
-            timestamp: format_timestamp(record.corrected_timestamp_ms),
+            received_at: record.received_ms,
+            timestamp: record.corrected_timestamp_ms,
             traits: None,
             kind,
             user_id: None,
@@ -818,7 +803,7 @@ mod tests {
             let r = route(text);
             for routed in awkward() {
                 let mut bytes = b"[".to_vec();
-                assert!(r.render_into(&routed, &mut bytes).unwrap(), "{text}");
+                assert!(r.render_into(&routed, &mut bytes), "{text}");
                 let expected = serde_json::to_string(&reference::build(&r, &routed)).unwrap();
                 assert_eq!(
                     std::str::from_utf8(&bytes[1..]).unwrap(),
@@ -831,9 +816,7 @@ mod tests {
         assert_eq!(checked, routes.len() * awkward().len());
         // Kept out: nothing is written.
         let mut bytes = Vec::new();
-        assert!(!route("event_names = [\"x\"]")
-            .render_into(&purchase(), &mut bytes)
-            .unwrap());
+        assert!(!route("event_names = [\"x\"]").render_into(&purchase(), &mut bytes));
         assert!(bytes.is_empty());
     }
 

@@ -978,7 +978,9 @@ mod tests {
     fn a_record_stored_with_the_agents_event_bytes_is_the_record_encoded_whole() {
         let mut event = Event::new(EventKind::Track, Source::Segment, 1_700_000_000_000);
         event.name = Some("Played".into());
-        event.properties.insert("position", edge_agent::model::Value::Int(42));
+        event
+            .properties
+            .insert("position", edge_agent::model::Value::Int(42));
         let record = InboxRecord {
             sender: DeviceId("tv-1".into()),
             received_ms: 1_700_000_000_123,

@@ -5,14 +5,15 @@
 //! content gives (objects with their keys sorted bytewise, a repeated key's last value
 //! kept, compact): that is the contract receivers and tests see. Building that tree per
 //! event cost a `String` per key and a clone per value; here every key and value is
-//! borrowed and only the small per-object entry lists are allocated.
+//! borrowed, only the small per-object entry lists are allocated, and the text is
+//! written by [`super::json`] rather than through serde's traits.
 //!
 //! It must not decide anything: which fields go is [`super::Route`]'s rules, applied
 //! in [`super::Route::body`]; this module only orders and writes them.
 
 use edge_agent::model::{Map as AgentMap, Value as AgentValue};
-use serde::ser::{SerializeMap, SerializeSeq};
-use serde::{Serialize, Serializer};
+
+use super::json;
 
 /// An object's entries, sorted by key when serialized (see [`Obj::sorted`]).
 pub(super) type Entries<'a> = Vec<(&'a str, Node<'a>)>;
@@ -73,146 +74,150 @@ pub(super) fn agent_entries(
     map.iter().filter(|(k, _)| keep(k)).collect()
 }
 
-impl Serialize for Node<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl Node<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
         match self {
-            Node::Agent(v) => Sorted(v).serialize(s),
-            Node::Str(v) => s.serialize_str(v),
-            Node::Object(o) => o.serialize(s),
+            Node::Agent(v) => json::value(out, v),
+            Node::Str(v) => json::str(out, v),
+            Node::Object(o) => o.write(out),
             Node::Consent { granted, ccpa } => {
-                let mut m = s.serialize_map(Some(2))?;
-                m.serialize_entry("ccpaOptOut", ccpa)?;
-                m.serialize_entry("granted", granted)?;
-                m.end()
+                out.extend_from_slice(b"{\"ccpaOptOut\":");
+                json::bool(out, *ccpa);
+                out.extend_from_slice(b",\"granted\":[");
+                for (i, purpose) in granted.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    json::str(out, purpose);
+                }
+                out.extend_from_slice(b"]}");
             }
             Node::External(ids) => {
-                let mut seq = s.serialize_seq(Some(ids.len()))?;
-                for (t, id) in ids {
-                    seq.serialize_element(&IdPair { id, kind: t })?;
+                out.push(b'[');
+                for (i, (kind, id)) in ids.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(b"{\"id\":");
+                    json::str(out, id);
+                    out.extend_from_slice(b",\"type\":");
+                    json::str(out, kind);
+                    out.push(b'}');
                 }
-                seq.end()
+                out.push(b']');
             }
         }
     }
 }
 
-impl Serialize for Obj<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
-/// One external id; fields in key order.
-#[derive(Serialize)]
-struct IdPair<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-}
-
-/// An agent value with its objects' keys sorted, at every depth.
-pub(super) struct Sorted<'a>(pub(super) &'a AgentValue);
-
-impl Serialize for Sorted<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            AgentValue::Object(m) => {
-                let mut out = s.serialize_map(Some(m.len()))?;
-                for (k, v) in m.iter() {
-                    out.serialize_entry(k, &Sorted(v))?;
-                }
-                out.end()
+impl Obj<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
             }
-            AgentValue::Array(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for v in items {
-                    seq.serialize_element(&Sorted(v))?;
-                }
-                seq.end()
-            }
-            scalar => scalar.serialize(s),
+            json::key(out, k);
+            v.write(out);
         }
+        out.push(b'}');
     }
 }
 
-/// Entries from [`agent_entries`] as an object.
-pub(super) struct SortedMap<'a, 'b>(pub(super) &'b [(&'a str, &'a AgentValue)]);
-
-impl Serialize for SortedMap<'_, '_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, &Sorted(v))?;
-        }
-        m.end()
-    }
-}
-
-/// The top-level object. Fields are in key order; absent ones are not written.
-#[derive(Serialize)]
+/// The top-level object. Written in key order; absent fields are not written.
 pub(super) struct Body<'a> {
-    #[serde(rename = "anonymousId", skip_serializing_if = "Option::is_none")]
     pub anonymous_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<Obj<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<&'a str>,
-    #[serde(rename = "groupId", skip_serializing_if = "Option::is_none")]
     pub group_id: Option<&'a str>,
-    #[serde(rename = "messageId")]
     pub message_id: MessageId<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<&'a str>,
-    #[serde(rename = "originalTimestamp")]
-    pub original_timestamp: String,
-    #[serde(rename = "previousId", skip_serializing_if = "Option::is_none")]
+    /// Milliseconds since the epoch, written as RFC 3339 text.
+    pub original_timestamp: i64,
     pub previous_id: Option<&'a str>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "sorted_entries"
-    )]
     pub properties: Option<Vec<(&'a str, &'a AgentValue)>>,
-    #[serde(rename = "receivedAt")]
-    pub received_at: String,
-    pub timestamp: String,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "sorted_entries"
-    )]
+    pub received_at: i64,
+    pub timestamp: i64,
     pub traits: Option<Vec<(&'a str, &'a AgentValue)>>,
-    #[serde(rename = "type")]
     pub kind: &'a str,
-    #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
     pub user_id: Option<&'a str>,
+}
+
+impl Body<'_> {
+    /// Appends the body's JSON text to `out`.
+    pub(super) fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Fields::new(out);
+        o.opt_str("anonymousId", self.anonymous_id);
+        if let Some(c) = &self.context {
+            c.write(o.field("context"));
+        }
+        o.opt_str("event", self.event);
+        o.opt_str("groupId", self.group_id);
+        let out = o.field("messageId");
+        match &self.message_id {
+            MessageId::App(id) => json::str(out, id),
+            MessageId::Event(id) => {
+                let mut text = uuid::Uuid::encode_buffer();
+                json::str(
+                    out,
+                    uuid::Uuid::from_u128(id.0)
+                        .hyphenated()
+                        .encode_lower(&mut text),
+                );
+            }
+        }
+        o.opt_str("name", self.name);
+        json::timestamp(o.field("originalTimestamp"), self.original_timestamp);
+        o.opt_str("previousId", self.previous_id);
+        if let Some(p) = &self.properties {
+            json::entries(o.field("properties"), p.iter().copied());
+        }
+        json::timestamp(o.field("receivedAt"), self.received_at);
+        json::timestamp(o.field("timestamp"), self.timestamp);
+        if let Some(t) = &self.traits {
+            json::entries(o.field("traits"), t.iter().copied());
+        }
+        json::str(o.field("type"), self.kind);
+        o.opt_str("userId", self.user_id);
+        o.end();
+    }
+}
+
+/// Writes an object's fields one by one, in the order given (the caller's key order).
+struct Fields<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> Fields<'o> {
+    fn new(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Fields { out, first: true }
+    }
+
+    /// Writes `"k":` (after a comma unless first); the value goes into the result.
+    fn field(&mut self, k: &str) -> &mut Vec<u8> {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        json::key(self.out, k);
+        self.out
+    }
+
+    fn opt_str(&mut self, k: &str, v: Option<&str>) {
+        if let Some(v) = v {
+            json::str(self.field(k), v);
+        }
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
 }
 
 /// The app's messageId, or the event id written as text.
 pub(super) enum MessageId<'a> {
     App(&'a str),
     Event(edge_agent::model::EventId),
-}
-
-impl Serialize for MessageId<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            MessageId::App(id) => s.serialize_str(id),
-            MessageId::Event(id) => s.collect_str(id),
-        }
-    }
-}
-
-// `serialize_with` hands the field by reference.
-#[allow(clippy::ref_option)]
-fn sorted_entries<S: Serializer>(
-    entries: &Option<Vec<(&str, &AgentValue)>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match entries {
-        Some(e) => SortedMap(e).serialize(s),
-        None => s.serialize_none(),
-    }
 }
