@@ -260,7 +260,8 @@ impl Profiles {
         let records = store.read_inbox(after, max)?;
         let read_all = records.len() < max || records.last().is_some_and(|(s, _)| *s > head);
         let r = self.shared.db.begin_read().st()?;
-        let enriched = r.open_table(db::ENRICHED).st()?;
+        let table = r.open_table(db::ENRICHED).st()?;
+        let mut enriched = db::EnrichedReader::new(&table, after)?;
         let mut page = RoutedPage {
             through: after,
             events: Vec::with_capacity(records.len()),
@@ -271,8 +272,7 @@ impl Profiles {
             }
             page.through = seq;
             // No row: the event was erased after it was resolved.
-            if let Some(v) = enriched.get(seq).st()? {
-                let enrichment = db::decode_enrichment(seq, v.value())?;
+            if let Some(enrichment) = enriched.take(seq)? {
                 page.events.push(Arc::new(Routed {
                     seq,
                     record: Arc::new(record),

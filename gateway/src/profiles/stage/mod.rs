@@ -58,8 +58,8 @@ use crate::store::{InboxRecord, Store, StoreError, INBOX, R};
 
 /// Most inbox records resolved in one commit.
 pub const GROUP_MAX: usize = 2000;
-/// Most `enriched` rows pruned by one commit.
-const MAX_PRUNE: u64 = 10_000;
+/// Most `enriched_groups` rows pruned by one commit.
+const MAX_PRUNE_GROUPS: usize = 64;
 /// Cached profiles kept between groups, pending ones included. Decoded, one takes
 /// about 2 KiB (measured: 100,000 of them held some 175 MiB of RSS more than 20,000);
 /// it holds the active users of a busy site (the benchmark's 10,000), and over many
@@ -258,15 +258,11 @@ impl Resolver {
             if self.pending.next_profile == 0 {
                 self.pending.next_profile = db::meta_get(&t.meta, NEXT_PROFILE)?.max(1);
             }
-            let mut buf = Vec::with_capacity(256);
-            for (seq, record) in records {
-                let enrichment = self.resolve_one(&t, record, now)?;
-                buf.clear();
-                buf = postcard::to_extend(&enrichment, buf)
-                    .map_err(|e| StoreError::Storage(format!("encode enrichment: {e}")))?;
-                t.enriched.insert(*seq, buf.as_slice()).st()?;
-                enrichments.push(enrichment);
+            for (_, record) in records {
+                enrichments.push(self.resolve_one(&t, record, now)?);
             }
+            let mut buf = Vec::new();
+            write_enriched(&mut t.enriched, records, &enrichments, &mut buf)?;
             self.pending.through = through;
             flush = durable
                 || caught_up
@@ -500,13 +496,60 @@ fn set_durability(txn: &mut WriteTransaction, durable: bool) -> Result<(), Store
     .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))
 }
 
-fn prune_enriched(t: &mut Table<'_, u64, &'static [u8]>, through: u64) -> Result<(), StoreError> {
-    let first = t.first().st()?.map(|(k, _)| k.value());
-    let Some(first) = first.filter(|k| *k <= through) else {
+/// Replaces whatever `enriched_groups` holds from the group's first seq on (rows of
+/// an attempt that failed after committing them: resolving again rewrites them, and
+/// rows must not overlap) with the group's row.
+fn write_enriched(
+    t: &mut Table<'_, u64, &'static [u8]>,
+    records: &[(u64, Arc<InboxRecord>)],
+    enrichments: &[Enrichment],
+    buf: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    let Some((first, _)) = records.first() else {
         return Ok(());
     };
-    let last = through.min(first.saturating_add(MAX_PRUNE - 1));
-    t.retain_in(first..=last, |_, _| false).st()
+    t.retain_in(*first.., |_, _| false).st()?;
+    let rows: Vec<(u64, &Enrichment)> = records
+        .iter()
+        .zip(enrichments)
+        .map(|((seq, _), e)| (*seq, e))
+        .collect();
+    db::write_group(t, &rows, buf)
+}
+
+/// Deletes the group rows wholly at or below `through`, a bounded number per commit.
+fn prune_enriched(t: &mut Table<'_, u64, &'static [u8]>, through: u64) -> Result<(), StoreError> {
+    let mut left = MAX_PRUNE_GROUPS;
+    t.retain_in(..=through, |_, _| {
+        let keep = left == 0;
+        left = left.saturating_sub(1);
+        keep
+    })
+    .st()
+}
+
+/// Removes `seqs` (ascending) from the group rows holding them.
+fn remove_enriched(t: &mut Table<'_, u64, &'static [u8]>, seqs: &[u64]) -> Result<(), StoreError> {
+    let mut buf = Vec::new();
+    let mut at = 0;
+    while let Some(&seq) = seqs.get(at) {
+        let (key, mut group) = {
+            let Some(row) = t.range(seq..).st()?.next() else {
+                break;
+            };
+            let (k, v) = row.st()?;
+            (k.value(), db::decode_group(k.value(), v.value())?)
+        };
+        // Every seq up to this row's key is in this row or in none.
+        let end = at + seqs[at..].partition_point(|s| *s <= key);
+        let gone = &seqs[at..end];
+        group.retain(|(s, _)| gone.binary_search(s).is_err());
+        t.remove(key).st()?;
+        let rows: Vec<(u64, &Enrichment)> = group.iter().map(|(s, e)| (*s, e)).collect();
+        db::write_group(t, &rows, &mut buf)?;
+        at = end;
+    }
+    Ok(())
 }
 
 /// What an erase found before anything is deleted.
@@ -543,10 +586,12 @@ fn find_erase(
     let mut seqs = Vec::new();
     for row in enriched.iter().st()? {
         let (k, v) = row.st()?;
-        let e = db::decode_enrichment(k.value(), v.value())?;
-        if e.profile_id != 0 && (e.profile_id == pid || profile.merged_from.contains(&e.profile_id))
-        {
-            seqs.push(k.value());
+        for (seq, e) in db::decode_group(k.value(), v.value())? {
+            if e.profile_id != 0
+                && (e.profile_id == pid || profile.merged_from.contains(&e.profile_id))
+            {
+                seqs.push(seq);
+            }
         }
     }
     let keys = profile
@@ -617,9 +662,10 @@ fn erase_profile(shared: &Shared, target: &EraseTarget, removed: &[u64]) -> Resu
                 survivor != pid && !target.profile.merged_from.contains(&loser)
             })
             .st()?;
-        for seq in target.seqs.iter().chain(removed) {
-            t.enriched.remove(*seq).st()?;
-        }
+        let mut seqs: Vec<u64> = target.seqs.iter().chain(removed).copied().collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        remove_enriched(&mut t.enriched, &seqs)?;
     }
     txn.commit().st()
 }
@@ -744,5 +790,103 @@ mod tests {
         evict(&mut m, 1000, |k| *k >= 900);
         assert_eq!(m.len(), 900, "only the 101 evictable entries could go");
         assert!((0..900).all(|k| m.contains_key(&k)));
+    }
+
+    mod enriched_rows {
+        use super::*;
+        use crate::profiles::db::{EnrichedReader, ENRICHED};
+        use edge_agent::model::{Event, EventKind, Source};
+        use redb::{Database, ReadableDatabase};
+
+        fn records(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, Arc<InboxRecord>)> {
+            seqs.into_iter()
+                .map(|seq| {
+                    let event = Event::new(EventKind::Track, Source::Segment, 1);
+                    let record = InboxRecord {
+                        sender: DeviceId("d".into()),
+                        received_ms: 1,
+                        corrected_timestamp_ms: 1,
+                        event,
+                    };
+                    (seq, Arc::new(record))
+                })
+                .collect()
+        }
+
+        /// Enrichment `seq` was given by attempt `attempt`.
+        fn enrichments(recs: &[(u64, Arc<InboxRecord>)], attempt: u64) -> Vec<Enrichment> {
+            recs.iter()
+                .map(|(seq, _)| Enrichment {
+                    profile_id: seq * 10 + attempt,
+                    ..Enrichment::default()
+                })
+                .collect()
+        }
+
+        fn write(db: &Database, f: impl FnOnce(&mut Table<'_, u64, &'static [u8]>)) {
+            let txn = db.begin_write().unwrap();
+            f(&mut txn.open_table(ENRICHED).unwrap());
+            txn.commit().unwrap();
+        }
+
+        /// `(seq, profile id)` of every enrichment, by a reader from the start.
+        fn all(db: &Database) -> Vec<(u64, u64)> {
+            let r = db.begin_read().unwrap();
+            let t = r.open_table(ENRICHED).unwrap();
+            let mut reader = EnrichedReader::new(&t, 0).unwrap();
+            (1..=100)
+                .filter_map(|seq| reader.take(seq).unwrap().map(|e| (seq, e.profile_id)))
+                .collect()
+        }
+
+        fn group(db: &Database, seqs: std::ops::RangeInclusive<u64>, attempt: u64) {
+            let recs = records(seqs);
+            let e = enrichments(&recs, attempt);
+            write(db, |t| {
+                write_enriched(t, &recs, &e, &mut Vec::new()).unwrap()
+            });
+        }
+
+        #[test]
+        fn resolving_again_with_other_group_bounds_replaces_the_failed_attempts_rows() {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Database::create(dir.path().join("p.redb")).unwrap();
+            group(&db, 1..=10, 1);
+            group(&db, 11..=20, 1);
+            group(&db, 21..=30, 1);
+            // The stage failed after 11..=30 and starts again from 10, grouping anew.
+            group(&db, 11..=25, 2);
+            let expected: Vec<(u64, u64)> = (1..=10)
+                .map(|s| (s, s * 10 + 1))
+                .chain((11..=25).map(|s| (s, s * 10 + 2)))
+                .collect();
+            assert_eq!(all(&db), expected, "nothing of the failed attempt is left");
+        }
+
+        #[test]
+        fn removed_seqs_leave_their_groups_and_pruning_drops_whole_groups() {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Database::create(dir.path().join("p.redb")).unwrap();
+            group(&db, 1..=10, 0);
+            group(&db, 11..=20, 0);
+            group(&db, 21..=30, 0);
+            write(&db, |t| {
+                remove_enriched(
+                    t,
+                    &[3, 10, 11, 12, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 99],
+                )
+                .unwrap()
+            });
+            let left: Vec<u64> = all(&db).into_iter().map(|(s, _)| s).collect();
+            let expected: Vec<u64> = [1, 2, 4, 5, 6, 7, 8, 9]
+                .into_iter()
+                .chain(13..=20)
+                .collect();
+            assert_eq!(left, expected);
+            // Through 15: only the row ending at 9 is wholly below it.
+            write(&db, |t| prune_enriched(t, 15).unwrap());
+            let left: Vec<u64> = all(&db).into_iter().map(|(s, _)| s).collect();
+            assert_eq!(left, (13..=20).collect::<Vec<u64>>());
+        }
     }
 }
