@@ -5,7 +5,7 @@
 //! | `ids`      | `"<type>\0<value>"`   | `u64` profile id                       |
 //! | `profiles` | `u64` profile id      | postcard [`Profile`]                   |
 //! | `merged`   | `u64` merged profile  | `u64` the profile it went into         |
-//! | `enriched_groups` | `u64` last inbox seq of a resolved group | postcard `[(seq, Enrichment)]`, seqs ascending |
+//! | `enriched_groups` | `u64` last inbox seq of the row | postcard `[(seq, Enrichment)]`, seqs ascending |
 //! | `meta`     | `cursor`, `next_profile` | `u64`                               |
 //!
 //! Invariants (kept by the stage, the only writer):
@@ -14,8 +14,8 @@
 //! 2. `cursor` commits with the profile updates and `enriched_groups` rows of every
 //!    inbox seq at or below it, in one transaction: an event is counted exactly once.
 //!
-//! A resolved group's enrichments are one row, not one per event: a B-tree insert
-//! per event was a tenth of the stage's work. Rows do not overlap (the stage
+//! A resolved group's enrichments are a few rows of up to [`ROW_EVENTS`], not one
+//! row per event: a B-tree insert per event was a tenth of the stage's work. Rows do not overlap (the stage
 //! replaces any row from a failed attempt before writing the group again); readers
 //! walk them in seq order ([`EnrichedReader`]). Files written before kept one row
 //! per seq in a table `enriched`; [`open`] moves those into groups.
@@ -35,8 +35,10 @@ pub const MERGED: TableDefinition<u64, u64> = TableDefinition::new("merged");
 pub const ENRICHED: TableDefinition<u64, &[u8]> = TableDefinition::new("enriched_groups");
 /// The per-seq table of earlier versions (migrated by [`open`]).
 const ENRICHED_PER_SEQ: TableDefinition<u64, &[u8]> = TableDefinition::new("enriched");
-/// Rows of the per-seq table put in one group when migrating.
-const MIGRATED_GROUP: usize = 2000;
+/// Most events in one `enriched_groups` row: a resolved group is written as a few
+/// rows of some tens of KiB (a whole group's row is half a MiB, and redb holds such
+/// a value in one page of that size, in its cache and in every commit touching it).
+pub const ROW_EVENTS: usize = 256;
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Last inbox seq resolved.
@@ -80,7 +82,7 @@ fn migrate_per_seq_enrichment(txn: &redb::WriteTransaction) -> Result<(), StoreE
     {
         let old = txn.open_table(ENRICHED_PER_SEQ).st()?;
         let mut groups = txn.open_table(ENRICHED).st()?;
-        let mut group: Vec<(u64, Enrichment)> = Vec::with_capacity(MIGRATED_GROUP);
+        let mut group: Vec<(u64, Enrichment)> = Vec::with_capacity(ROW_EVENTS);
         let mut buf = Vec::new();
         let mut flush = |group: &mut Vec<(u64, Enrichment)>| {
             let rows: Vec<(u64, &Enrichment)> = group.iter().map(|(s, e)| (*s, e)).collect();
@@ -91,7 +93,7 @@ fn migrate_per_seq_enrichment(txn: &redb::WriteTransaction) -> Result<(), StoreE
         for row in old.iter().st()? {
             let (k, v) = row.st()?;
             group.push((k.value(), decode_enrichment(k.value(), v.value())?));
-            if group.len() == MIGRATED_GROUP {
+            if group.len() == ROW_EVENTS {
                 flush(&mut group)?;
             }
         }
@@ -260,7 +262,7 @@ mod tests {
         let groups = r.open_table(ENRICHED).unwrap();
         let rows = seqs.len() as u64;
         assert_eq!(rows, 3858);
-        assert_eq!(groups.len().unwrap(), 2, "{rows} rows in groups of 2,000");
+        assert_eq!(groups.len().unwrap(), 16, "{rows} events in rows of 256");
         let mut reader = EnrichedReader::new(&groups, 0).unwrap();
         for seq in 1..=4501 {
             let found = reader.take(seq).unwrap();

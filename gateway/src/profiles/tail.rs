@@ -18,7 +18,7 @@ use super::{Routed, RoutedPage};
 
 /// Most resolved events kept. Destinations at full speed trail the stage by a few
 /// thousand events (fan-out benchmark: 4,000–8,000); a decoded event is about 2 KiB.
-pub const TAIL_EVENTS: usize = 16_000;
+pub const TAIL_EVENTS: usize = 10_000;
 
 /// Resolved inbox seqs `(after, through]`: `events` are those still in the inbox
 /// (records erased before resolution are simply absent), in seq order.

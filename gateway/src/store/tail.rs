@@ -13,11 +13,13 @@ use std::sync::Arc;
 
 use super::InboxRecord;
 
-/// Most records kept. Above the endpoint's `pace_lag` (16,000) plus a group or two,
-/// so a stage the pacing keeps within that lag always reads here: at 8,192 it read
-/// a third of its groups back from redb (7 % of the gateway's CPU at 100k events/s).
-/// Records are shared with the resolved tail, so the memory held overlaps.
-pub const INBOX_TAIL_EVENTS: usize = 24_576;
+/// Most records kept. Above the endpoint's default `pace_lag` (10,000) plus a group
+/// or two, so a stage the pacing keeps within that lag always reads here: when it
+/// could lag past the tail it read a third of its groups back from redb (7 % of the
+/// gateway's CPU at 100k events/s). Records are shared with the resolved tail, so
+/// the memory held overlaps; this and [`crate::profiles::TAIL_EVENTS`] together
+/// are what keeps the gateway under 512 MiB with a million profiles.
+pub const INBOX_TAIL_EVENTS: usize = 16_384;
 
 /// Consecutive inbox records, oldest first.
 #[derive(Debug, Default)]

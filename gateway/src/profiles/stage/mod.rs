@@ -59,7 +59,7 @@ use crate::store::{InboxRecord, Store, StoreError, INBOX, R};
 /// Most inbox records resolved in one commit.
 pub const GROUP_MAX: usize = 2000;
 /// Most `enriched_groups` rows pruned by one commit.
-const MAX_PRUNE_GROUPS: usize = 64;
+const MAX_PRUNE_GROUPS: usize = 512;
 /// Cached profiles kept between groups, pending ones included. Decoded, one takes
 /// about 2 KiB (measured: 100,000 of them held some 175 MiB of RSS more than 20,000);
 /// it holds the active users of a busy site (the benchmark's 10,000), and over many
@@ -498,7 +498,7 @@ fn set_durability(txn: &mut WriteTransaction, durable: bool) -> Result<(), Store
 
 /// Replaces whatever `enriched_groups` holds from the group's first seq on (rows of
 /// an attempt that failed after committing them: resolving again rewrites them, and
-/// rows must not overlap) with the group's row.
+/// rows must not overlap) with the group's rows.
 fn write_enriched(
     t: &mut Table<'_, u64, &'static [u8]>,
     records: &[(u64, Arc<InboxRecord>)],
@@ -514,7 +514,10 @@ fn write_enriched(
         .zip(enrichments)
         .map(|((seq, _), e)| (*seq, e))
         .collect();
-    db::write_group(t, &rows, buf)
+    for chunk in rows.chunks(db::ROW_EVENTS) {
+        db::write_group(t, chunk, buf)?;
+    }
+    Ok(())
 }
 
 /// Deletes the group rows wholly at or below `through`, a bounded number per commit.
