@@ -51,10 +51,10 @@ mod json;
 mod reference;
 mod render;
 
-use edge_agent::model::{EventKind, Map as AgentMap, Str, Value as AgentValue};
+use edge_agent::model::{EventKind, Str, Value as AgentValue};
 use serde_json::Value;
 
-use self::render::{agent_entries, set, Body, Entries, MessageId, Node, Obj};
+use self::render::{agent_entries, Body, Context, MessageId};
 use crate::config::DestinationConfig;
 use crate::profiles::Routed;
 
@@ -326,98 +326,28 @@ impl Route {
         device_id: Option<&'a str>,
         session_id: Option<&'a str>,
         external: Vec<(&'a str, &'a str)>,
-    ) -> Option<Obj<'a>> {
+    ) -> Option<Context<'a>> {
         let e = &routed.record.event;
         let strip = self.identities.is_some();
-        let mut c: Entries<'a> = Vec::new();
-        if self.context {
-            // Identifiers a Segment context may carry besides the ones we place, and
-            // what we place ourselves.
-            let dropped = |k: &str| {
-                matches!(k, "consent" | "externalIds" | "sessionId")
-                    || (strip && matches!(k, "traits" | "ip" | "userId" | "anonymousId"))
-            };
-            c = agent_entries(&e.context, |k| !dropped(k))
-                .into_iter()
-                .map(|(k, v)| (k, Node::Agent(v)))
-                .collect();
-            if strip {
-                strip_device(&mut c);
-            }
-            c.push((
-                "consent",
-                Node::Consent {
-                    granted: &e.consent.granted,
-                    ccpa: e.consent.ccpa_opt_out,
-                },
-            ));
-        }
         // Without an allowlist, identities living in context go only with the context.
-        if self.context || strip {
-            if let Some(id) = device_id {
-                set_device_id(&mut c, id);
-            }
-            if let Some(s) = session_id {
-                set(&mut c, "sessionId", Node::Str(s));
-            }
-            if !external.is_empty() {
-                set(&mut c, "externalIds", Node::External(external));
-            }
-        }
-        (!c.is_empty()).then(|| Obj::sorted(c))
+        let placed = self.context || strip;
+        let context = Context {
+            event: self.context.then_some(&e.context),
+            strip,
+            consent: self
+                .context
+                .then_some((e.consent.granted.as_slice(), e.consent.ccpa_opt_out)),
+            device_id: device_id.filter(|_| placed),
+            session_id: session_id.filter(|_| placed),
+            external: if placed { external } else { Vec::new() },
+        };
+        (!context.is_empty()).then_some(context)
     }
 }
 
 /// Whether `key` passes an optional allowlist.
 fn listed(allow: Option<&[String]>, key: &str) -> bool {
     allow.is_none_or(|a| a.iter().any(|x| x == key))
-}
-
-/// Drops `context.device.id` and `.advertisingId`, and the device when nothing is left.
-fn strip_device(context: &mut Entries<'_>) {
-    let Some(at) = context.iter().position(|(k, _)| *k == "device") else {
-        return;
-    };
-    if let Node::Agent(AgentValue::Object(device)) = context[at].1 {
-        let kept = object_of(device, |k| k != "id" && k != "advertisingId");
-        if kept.is_empty() {
-            context.remove(at);
-        } else {
-            context[at].1 = Node::Object(kept);
-        }
-    }
-}
-
-/// Sets `context.device.id`, making the device object if there is none; a device
-/// that is not an object is left as it is.
-fn set_device_id<'a>(context: &mut Entries<'a>, id: &'a str) {
-    let Some(at) = context.iter().position(|(k, _)| *k == "device") else {
-        context.push((
-            "device",
-            Node::Object(Obj::sorted(vec![("id", Node::Str(id))])),
-        ));
-        return;
-    };
-    let slot = &mut context[at].1;
-    match slot {
-        Node::Agent(AgentValue::Object(device)) => {
-            let mut d = object_of(device, |k| k != "id");
-            d.set("id", Node::Str(id));
-            *slot = Node::Object(d);
-        }
-        Node::Object(d) => d.set("id", Node::Str(id)),
-        _ => {}
-    }
-}
-
-/// An agent object's entries passing `keep`, as an object of this module.
-fn object_of<'a>(map: &'a AgentMap, keep: impl FnMut(&str) -> bool) -> Obj<'a> {
-    Obj::sorted(
-        agent_entries(map, keep)
-            .into_iter()
-            .map(|(k, v)| (k, Node::Agent(v)))
-            .collect(),
-    )
 }
 
 /// Adds `(id_type, value)` unless the value is empty or the type is there already.
@@ -431,7 +361,9 @@ fn add_identity<'a>(list: &mut Vec<(&'a str, &'a str)>, id_type: &'a str, value:
 
 #[cfg(test)]
 mod tests {
-    use edge_agent::model::{DeviceId, Event, EventKind, Source, Value as AgentValue};
+    use edge_agent::model::{
+        DeviceId, Event, EventKind, Map as AgentMap, Source, Value as AgentValue,
+    };
     use serde_json::json;
 
     use super::*;
@@ -778,6 +710,15 @@ mod tests {
             e.name = None;
             e.context = map(
                 r#"{"device":{"advertisingId":"ad","id":"x","zeta":{"b":[1,{"d":1,"c":2}],"a":0}}}"#,
+            );
+        }));
+        // No device id: an empty device object, and keys around every placed one.
+        out.push(with(|r| {
+            let e = &mut std::sync::Arc::make_mut(&mut r.record).event;
+            e.identities.device_id = DeviceId(String::new());
+            e.identities.session_id = None;
+            e.context = map(
+                r#"{"a":1,"consent":0,"d":2,"device":{},"e":3,"f":4,"s":5,"z":6,"ip":"1.2.3.4"}"#,
             );
         }));
         out

@@ -5,65 +5,18 @@
 //! content gives (objects with their keys sorted bytewise, a repeated key's last value
 //! kept, compact): that is the contract receivers and tests see. Building that tree per
 //! event cost a `String` per key and a clone per value; here every key and value is
-//! borrowed, only the small per-object entry lists are allocated, and the text is
-//! written by [`super::json`] rather than through serde's traits.
+//! borrowed, only the `properties` and `traits` entry lists are allocated, and the
+//! text is written by [`super::json`] rather than through serde's traits.
 //!
-//! It must not decide anything: which fields go is [`super::Route`]'s rules, applied
-//! in [`super::Route::body`]; this module only orders and writes them.
+//! Which fields go is [`super::Route`]'s rules, applied in [`super::Route::body`];
+//! this module orders and writes them. The exception is `context`: the event's
+//! entries are merged with the identities placed there while writing ([`Context`]
+//! holds those rules), because building the object first cost an entry list, a sort
+//! and a device object per event and destination.
 
 use edge_agent::model::{Map as AgentMap, Value as AgentValue};
 
 use super::json;
-
-/// An object's entries, sorted by key when serialized (see [`Obj::sorted`]).
-pub(super) type Entries<'a> = Vec<(&'a str, Node<'a>)>;
-
-/// One JSON value of the output.
-pub(super) enum Node<'a> {
-    /// An agent value as is (its objects sorted on the way out).
-    Agent(&'a AgentValue),
-    Str(&'a str),
-    /// An object built here; keys are unique (see [`set`]).
-    Object(Obj<'a>),
-    /// The event's consent summary: `{"ccpaOptOut": .., "granted": [..]}`.
-    Consent {
-        granted: &'a [edge_agent::model::Str],
-        ccpa: bool,
-    },
-    /// `context.externalIds`: `[{"id": .., "type": ..}]`.
-    External(Vec<(&'a str, &'a str)>),
-}
-
-/// An object whose entries are kept sorted by key.
-pub(super) struct Obj<'a>(Entries<'a>);
-
-impl<'a> Obj<'a> {
-    /// Sorts `entries` by key; keys must be unique.
-    pub(super) fn sorted(mut entries: Entries<'a>) -> Self {
-        entries.sort_by(|a, b| a.0.cmp(b.0));
-        Obj(entries)
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Sets `key`, keeping the order.
-    pub(super) fn set(&mut self, key: &'a str, node: Node<'a>) {
-        match self.0.binary_search_by(|(k, _)| (*k).cmp(key)) {
-            Ok(at) => self.0[at].1 = node,
-            Err(at) => self.0.insert(at, (key, node)),
-        }
-    }
-}
-
-/// Sets `key` in unsorted `entries`, replacing an existing value in place.
-pub(super) fn set<'a>(entries: &mut Entries<'a>, key: &'a str, node: Node<'a>) {
-    match entries.iter_mut().find(|(k, _)| *k == key) {
-        Some(slot) => slot.1 = node,
-        None => entries.push((key, node)),
-    }
-}
 
 /// The entries of an agent map that `keep` passes, in the map's (key) order: an agent
 /// map is kept sorted with one entry per key, as a JSON object is written here.
@@ -74,60 +27,143 @@ pub(super) fn agent_entries(
     map.iter().filter(|(k, _)| keep(k)).collect()
 }
 
-impl Node<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
-        match self {
-            Node::Agent(v) => json::value(out, v),
-            Node::Str(v) => json::str(out, v),
-            Node::Object(o) => o.write(out),
-            Node::Consent { granted, ccpa } => {
-                out.extend_from_slice(b"{\"ccpaOptOut\":");
-                json::bool(out, *ccpa);
-                out.extend_from_slice(b",\"granted\":[");
-                for (i, purpose) in granted.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    json::str(out, purpose);
-                }
-                out.extend_from_slice(b"]}");
-            }
-            Node::External(ids) => {
-                out.push(b'[');
-                for (i, (kind, id)) in ids.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(b"{\"id\":");
-                    json::str(out, id);
-                    out.extend_from_slice(b",\"type\":");
-                    json::str(out, kind);
-                    out.push(b'}');
-                }
-                out.push(b']');
-            }
-        }
-    }
+/// `context`: the event's own (sorted) entries merged, in key order, with what is
+/// placed there, written in one pass without building the object.
+pub(super) struct Context<'a> {
+    /// The event's context, when it goes (`context = true`).
+    pub event: Option<&'a AgentMap>,
+    /// Under an identity allowlist: the identifiers a Segment context may carry are
+    /// removed (`traits`, `ip`, `userId`, `anonymousId`, `device.id`,
+    /// `device.advertisingId`) and a device left empty goes.
+    pub strip: bool,
+    /// The event's consent summary `(granted, ccpaOptOut)`, with the event's context.
+    pub consent: Option<(&'a [edge_agent::model::Str], bool)>,
+    /// `device.id` (in the event's device object, or a new one).
+    pub device_id: Option<&'a str>,
+    pub session_id: Option<&'a str>,
+    /// `externalIds: [{"id", "type"}]`, `(type, id)`.
+    pub external: Vec<(&'a str, &'a str)>,
 }
 
-impl Obj<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
-        out.push(b'{');
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
+/// Keys placed in `context`, in key order.
+const PLACED: [&str; 4] = ["consent", "device", "externalIds", "sessionId"];
+
+impl Context<'_> {
+    pub(super) fn is_empty(&self) -> bool {
+        self.event.is_none()
+            && self.consent.is_none()
+            && self.device_id.is_none()
+            && self.session_id.is_none()
+            && self.external.is_empty()
+    }
+
+    /// Whether the event's context entry `k` goes: the keys placed here never come
+    /// from the event (except `device`, merged), nor identifiers under an allowlist.
+    fn keeps(&self, k: &str) -> bool {
+        !(matches!(k, "consent" | "externalIds" | "sessionId")
+            || (self.strip && matches!(k, "traits" | "ip" | "userId" | "anonymousId")))
+    }
+
+    pub(super) fn write(&self, out: &mut Vec<u8>) {
+        let event_device = self.event.and_then(|c| c.get("device"));
+        let mut o = Fields::new(out);
+        let mut placed = PLACED.iter().peekable();
+        for (k, v) in self.event.iter().flat_map(|c| c.iter()) {
+            if !self.keeps(k) {
+                continue;
             }
-            json::key(out, k);
-            v.write(out);
+            while let Some(p) = placed.next_if(|p| **p < k) {
+                self.write_placed(&mut o, p, event_device.is_some());
+            }
+            match v {
+                AgentValue::Object(device) if k == "device" => self.write_device(&mut o, device),
+                _ => json::value(o.field(k), v),
+            }
         }
-        out.push(b'}');
+        for p in placed {
+            self.write_placed(&mut o, p, event_device.is_some());
+        }
+        o.end();
+    }
+
+    /// Writes placed key `k` if it has a value; `device` only when the event has none
+    /// (else it was merged into the event's, or the event's is not an object and
+    /// stays as it is).
+    fn write_placed(&self, o: &mut Fields<'_>, k: &str, event_has_device: bool) {
+        match k {
+            "consent" => {
+                if let Some((granted, ccpa)) = self.consent {
+                    let out = o.field(k);
+                    out.extend_from_slice(b"{\"ccpaOptOut\":");
+                    json::bool(out, ccpa);
+                    out.extend_from_slice(b",\"granted\":[");
+                    for (i, purpose) in granted.iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        json::str(out, purpose);
+                    }
+                    out.extend_from_slice(b"]}");
+                }
+            }
+            "device" => {
+                if let Some(id) = self.device_id.filter(|_| !event_has_device) {
+                    let out = o.field(k);
+                    out.extend_from_slice(b"{\"id\":");
+                    json::str(out, id);
+                    out.push(b'}');
+                }
+            }
+            "externalIds" => {
+                if !self.external.is_empty() {
+                    let out = o.field(k);
+                    out.push(b'[');
+                    for (i, (kind, id)) in self.external.iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        out.extend_from_slice(b"{\"id\":");
+                        json::str(out, id);
+                        out.extend_from_slice(b",\"type\":");
+                        json::str(out, kind);
+                        out.push(b'}');
+                    }
+                    out.push(b']');
+                }
+            }
+            _ => o.opt_str(k, self.session_id),
+        }
+    }
+
+    /// The event's device object: its `id` replaced by the one placed (or removed
+    /// under an allowlist, with `advertisingId`); left out when stripping empties it.
+    fn write_device(&self, o: &mut Fields<'_>, device: &AgentMap) {
+        let drop_id = self.strip || self.device_id.is_some();
+        let dropped = |k: &str| (drop_id && k == "id") || (self.strip && k == "advertisingId");
+        let kept = |k: &str| !dropped(k);
+        if self.strip && self.device_id.is_none() && !device.iter().any(|(k, _)| kept(k)) {
+            return;
+        }
+        let mut d = Fields::new(o.field("device"));
+        let mut id = self.device_id;
+        for (k, v) in device.iter().filter(|(k, _)| kept(k)) {
+            if let Some(placed) = id.filter(|_| "id" < k) {
+                json::str(d.field("id"), placed);
+                id = None;
+            }
+            json::value(d.field(k), v);
+        }
+        if let Some(placed) = id {
+            json::str(d.field("id"), placed);
+        }
+        d.end();
     }
 }
 
 /// The top-level object. Written in key order; absent fields are not written.
 pub(super) struct Body<'a> {
     pub anonymous_id: Option<&'a str>,
-    pub context: Option<Obj<'a>>,
+    pub context: Option<Context<'a>>,
     pub event: Option<&'a str>,
     pub group_id: Option<&'a str>,
     pub message_id: MessageId<'a>,
@@ -184,7 +220,7 @@ impl Body<'_> {
 }
 
 /// Writes an object's fields one by one, in the order given (the caller's key order).
-struct Fields<'o> {
+pub(super) struct Fields<'o> {
     out: &'o mut Vec<u8>,
     first: bool,
 }
