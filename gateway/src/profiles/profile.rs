@@ -79,22 +79,7 @@ impl Profile {
         let states_consent =
             event.kind == EventKind::Consent || !consent.granted.is_empty() || consent.ccpa_opt_out;
         if states_consent && at_ms >= self.consent.updated_ms {
-            let mut denied: Vec<Str> = self
-                .consent
-                .granted
-                .iter()
-                .chain(&self.consent.denied)
-                .filter(|p| !consent.granted.contains(p))
-                .cloned()
-                .collect();
-            denied.sort();
-            denied.dedup();
-            self.consent = ProfileConsent {
-                granted: consent.granted.clone(),
-                denied,
-                ccpa_opt_out: consent.ccpa_opt_out,
-                updated_ms: at_ms,
-            };
+            self.state_consent(consent, at_ms);
         }
         for spec in specs {
             if !spec.matches(event) {
@@ -103,6 +88,35 @@ impl Profile {
             let state = self.state_mut(spec);
             spec.update(state, event, at_ms, now);
         }
+    }
+
+    /// The user's consent as an event stated it at `at_ms` (not older than ours): a
+    /// purpose granted before and not now is denied.
+    fn state_consent(&mut self, stated: &edge_agent::model::ConsentSnapshot, at_ms: i64) {
+        if self.consent.granted == stated.granted
+            && self.consent.ccpa_opt_out == stated.ccpa_opt_out
+        {
+            // The same consent again (most events carry the user's unchanged
+            // snapshot): what was denied stays denied; only the date moves.
+            self.consent.updated_ms = at_ms;
+            return;
+        }
+        let mut denied: Vec<Str> = self
+            .consent
+            .granted
+            .iter()
+            .chain(&self.consent.denied)
+            .filter(|p| !stated.granted.contains(p))
+            .cloned()
+            .collect();
+        denied.sort();
+        denied.dedup();
+        self.consent = ProfileConsent {
+            granted: stated.granted.clone(),
+            denied,
+            ccpa_opt_out: stated.ccpa_opt_out,
+            updated_ms: at_ms,
+        };
     }
 
     fn state_mut(&mut self, spec: &Spec) -> &mut State {
@@ -257,5 +271,61 @@ impl Profile {
             updated_ms: self.updated_ms,
             events: self.events,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_agent::model::{ConsentSnapshot, DeviceId, Event, Source};
+
+    fn stating(granted: &[&str], ccpa: bool, at: i64) -> InboxRecord {
+        let mut event = Event::new(EventKind::Track, Source::Segment, at);
+        event.consent = ConsentSnapshot {
+            granted: granted.iter().map(|p| (*p).into()).collect(),
+            ccpa_opt_out: ccpa,
+        };
+        InboxRecord {
+            sender: DeviceId("d".into()),
+            received_ms: at,
+            corrected_timestamp_ms: at,
+            event,
+        }
+    }
+
+    fn names(list: &[Str]) -> Vec<&str> {
+        list.iter().map(Str::as_str).collect()
+    }
+
+    fn consent(p: &Profile) -> (Vec<&str>, Vec<&str>, bool, i64) {
+        let c = &p.consent;
+        (
+            names(&c.granted),
+            names(&c.denied),
+            c.ccpa_opt_out,
+            c.updated_ms,
+        )
+    }
+
+    #[test]
+    fn consent_follows_what_events_state_and_a_withdrawn_purpose_stays_denied() {
+        let mut p = Profile::new(1, 0);
+        p.apply_event(&stating(&["analytics", "ads"], false, 10), &[], 10);
+        assert_eq!(consent(&p), (vec!["analytics", "ads"], vec![], false, 10));
+        // Restated unchanged: only the date moves.
+        p.apply_event(&stating(&["analytics", "ads"], false, 20), &[], 20);
+        assert_eq!(consent(&p), (vec!["analytics", "ads"], vec![], false, 20));
+        p.apply_event(&stating(&["analytics"], false, 30), &[], 30);
+        assert_eq!(consent(&p), (vec!["analytics"], vec!["ads"], false, 30));
+        p.apply_event(&stating(&["analytics"], false, 40), &[], 40);
+        assert_eq!(consent(&p), (vec!["analytics"], vec!["ads"], false, 40));
+        // Same purposes, a CCPA opt-out: a change.
+        p.apply_event(&stating(&["analytics"], true, 50), &[], 50);
+        assert_eq!(consent(&p), (vec!["analytics"], vec!["ads"], true, 50));
+        // An older statement changes nothing.
+        p.apply_event(&stating(&["ads"], false, 45), &[], 45);
+        assert_eq!(consent(&p), (vec!["analytics"], vec!["ads"], true, 50));
+        p.apply_event(&stating(&["ads"], false, 60), &[], 60);
+        assert_eq!(consent(&p), (vec!["ads"], vec!["analytics"], false, 60));
     }
 }
