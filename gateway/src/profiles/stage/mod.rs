@@ -66,8 +66,10 @@ const MAX_PRUNE_GROUPS: usize = 512;
 /// more users a cache of any affordable size hits rarely anyway; profiles read again
 /// come from redb's page cache.
 const MAX_CACHED_PROFILES: usize = 16_000;
-/// Cached identifier lookups (hits and misses) kept between groups.
-const MAX_CACHED_IDS: usize = 300_000;
+/// Cached identifier lookups (hits and misses) kept between groups: the identifiers
+/// of the active users (three or so each) with room for the pending links
+/// ([`MAX_PENDING_IDS`], never evicted). About 100 bytes each.
+const MAX_CACHED_IDS: usize = 100_000;
 /// Changed profiles that make the stage flush (pinned in the cache meanwhile, so
 /// fewer than [`MAX_CACHED_PROFILES`]).
 pub const MAX_PENDING_PROFILES: usize = 12_000;
@@ -377,7 +379,11 @@ impl Resolver {
     /// Writes the pending changes and their cursor (not yet committed).
     fn write_pending(&self, t: &mut Tables<'_>, buf: &mut Vec<u8>) -> Result<(), StoreError> {
         let g = &self.pending;
-        for id in &g.dirty_profiles {
+        // In key order: consecutive inserts walk neighbouring B-tree pages (hot in
+        // the cache, often the same leaf) instead of jumping across the whole file.
+        let mut profiles: Vec<u64> = g.dirty_profiles.iter().copied().collect();
+        profiles.sort_unstable();
+        for id in &profiles {
             if let Some(p) = self.cache.profiles.get(id) {
                 buf.clear();
                 *buf = postcard::to_extend(p, std::mem::take(buf))
@@ -388,7 +394,9 @@ impl Resolver {
         for id in &g.removed {
             t.profiles.remove(*id).st()?;
         }
-        for key in &g.dirty_ids {
+        let mut keys: Vec<&String> = g.dirty_ids.iter().collect();
+        keys.sort_unstable();
+        for key in keys {
             match self.cache.ids.get(key) {
                 Some(Some(p)) => {
                     t.ids.insert(key.as_str(), *p).st()?;
