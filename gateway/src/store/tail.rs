@@ -15,8 +15,8 @@ use super::InboxRecord;
 
 /// Most records kept. Above the endpoint's default `pace_lag` (10,000) plus a group
 /// or two, so a stage the pacing keeps within that lag always reads here: when it
-/// could lag past the tail it read a third of its groups back from redb (7 % of the
-/// gateway's CPU at 100k events/s). Records are shared with the resolved tail, so
+/// could lag past the tail, reading records back from redb took 7 % of the gateway's
+/// CPU at 100k events/s. Records are shared with the resolved tail, so
 /// the memory held overlaps; this and [`crate::profiles::TAIL_EVENTS`] together
 /// are what keeps the gateway under 512 MiB with a million profiles.
 pub const INBOX_TAIL_EVENTS: usize = 16_384;
