@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableDatabase, ReadableTable};
 use serde::Serialize;
 use tokio::sync::{watch, Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,7 @@ use tracing::{debug, error, info, warn};
 use super::{AudienceSize, Member, MembershipChange};
 use crate::config::{DestinationKind, GatewayConfig};
 use crate::profiles::{ProfileView, Profiles};
-use crate::store::{Store, StoreError, R};
+use crate::store::{RedbFile, Store, StoreError, R};
 use db::{Marks, Writes, CHANGES, MEMBERS, SIZES, STATES};
 use model::{AudState, Model};
 
@@ -81,7 +81,7 @@ pub struct SweepReport {
 /// What the handle, the run loop and the blocking workers share.
 #[derive(Debug)]
 struct Inner {
-    db: Database,
+    db: RedbFile,
     model: Model,
     /// The single writer's marks; held for each commit.
     writer: Arc<AsyncMutex<Marks>>,
@@ -121,7 +121,7 @@ impl Inner {
 
     /// Opens a durable write transaction.
     fn begin(&self) -> Result<redb::WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write().st()?;
+        let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate).st()?;
         Ok(txn)
     }
@@ -175,6 +175,8 @@ impl Audiences {
             let first = changes.first().st()?.map(|(k, _)| k.value());
             first.map_or(marks.next_change, |k| k).saturating_sub(1)
         };
+        // Every commit is durable, so a reopened file holds what `marks` say.
+        let db = RedbFile::new(path, db, move |p| db::open(p, cache).map(|(db, _)| db));
         // Consumers that must see every change before it goes: the audience
         // destinations and the device side.
         let consumers = config
@@ -334,7 +336,7 @@ impl Audiences {
         after: u64,
         max: usize,
     ) -> Result<Vec<MembershipChange>, StoreError> {
-        let r = self.inner.db.begin_read().st()?;
+        let r = self.inner.db.begin_read()?;
         let t = r.open_table(CHANGES).st()?;
         let mut out = Vec::new();
         for row in t.range(after.saturating_add(1)..).st()?.take(max) {
@@ -378,7 +380,7 @@ impl Audiences {
         if self.inner.model.audience(audience).is_none() {
             return Ok(None);
         }
-        let r = self.inner.db.begin_read().st()?;
+        let r = self.inner.db.begin_read()?;
         let members = r.open_table(MEMBERS).st()?;
         let states = r.open_table(STATES).st()?;
         let mut out = Vec::new();
@@ -404,7 +406,7 @@ impl Audiences {
 
     /// Every configured audience with its current size, in config order.
     pub fn sizes(&self) -> Result<Vec<AudienceSize>, StoreError> {
-        let r = self.inner.db.begin_read().st()?;
+        let r = self.inner.db.begin_read()?;
         let sizes = r.open_table(SIZES).st()?;
         self.inner
             .model
@@ -429,7 +431,7 @@ impl Audiences {
     }
 
     fn load(&self, profile_id: u64) -> Result<Option<AudState>, StoreError> {
-        let r = self.inner.db.begin_read().st()?;
+        let r = self.inner.db.begin_read()?;
         let states = r.open_table(STATES).st()?;
         let v = states.get(profile_id).st()?;
         v.map(|v| model::decode(profile_id, v.value())).transpose()
@@ -734,7 +736,7 @@ fn sweep_chunk(
     let mut last = None;
     let mut scanned = 0usize;
     {
-        let r = inner.db.begin_read().st()?;
+        let r = inner.db.begin_read()?;
         let states = r.open_table(STATES).st()?;
         for row in states.range(start..).st()? {
             let (k, v) = row.st()?;

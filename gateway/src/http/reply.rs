@@ -84,7 +84,7 @@ impl From<StoreError> for ApiError {
             StoreError::DiskFull(_) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
             }
-            StoreError::Closed => {
+            StoreError::Closed | StoreError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
                     .retry_after(1)
             }

@@ -52,10 +52,16 @@ const MAX_MERGE_HOPS: usize = 64;
 
 /// Opens (creating) the file and its tables.
 pub fn open(path: &Path, cache_size: usize) -> Result<Database, StoreError> {
-    let db = Database::builder()
-        .set_cache_size(cache_size)
-        .create(path)
-        .st()?;
+    prepare(
+        Database::builder()
+            .set_cache_size(cache_size)
+            .create(path)
+            .st()?,
+    )
+}
+
+/// Creates the tables `db` lacks and migrates those of earlier versions.
+pub fn prepare(db: Database) -> Result<Database, StoreError> {
     let txn = db.begin_write().st()?;
     {
         txn.open_table(IDS).st()?;

@@ -34,14 +34,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::clock::now_ms;
 use edge_agent::model::{DeviceId, Str, Value};
-use redb::{Database, ReadableDatabase};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use crate::config::GatewayConfig;
-use crate::store::{InboxRecord, Store, StoreError, R};
+use crate::store::{InboxRecord, RedbFile, Store, StoreError, R};
 
 use computed::Spec;
 use identity::{canonical_type, Rules};
@@ -134,7 +133,7 @@ const ERASE_QUEUE: usize = 16;
 /// What the handle and the stage share.
 #[derive(Debug)]
 struct Shared {
-    db: Database,
+    db: RedbFile,
     rules: Rules,
     specs: Vec<Spec>,
     /// Union of the destinations' `attributes` allowlists, sorted: what an
@@ -166,8 +165,13 @@ impl Profiles {
         // OS page cache, which RSS does not count.
         let cache = usize::try_from(config.gateway.cache_size.0 / 2).unwrap_or(usize::MAX);
         let db = db::open(path, cache)?;
+        Self::open_file(RedbFile::new(path, db, move |p| db::open(p, cache)), config)
+    }
+
+    /// [`Profiles::open`] on a file already open (tests put it on a disk of their own).
+    fn open_file(db: RedbFile, config: &GatewayConfig) -> Result<Self, StoreError> {
         let cursor = {
-            let r = db.begin_read().st()?;
+            let r = db.begin_read()?;
             let meta = r.open_table(db::META).st()?;
             db::meta_get(&meta, db::CURSOR)?
         };
@@ -259,7 +263,7 @@ impl Profiles {
         }
         let records = store.read_inbox(after, max)?;
         let read_all = records.len() < max || records.last().is_some_and(|(s, _)| *s > head);
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         let table = r.open_table(db::ENRICHED).st()?;
         let mut enriched = db::EnrichedReader::new(&table, after)?;
         let mut page = RoutedPage {
@@ -295,7 +299,7 @@ impl Profiles {
         };
         let mut key = String::new();
         db::id_key(&mut key, ty, &value);
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         let ids = r.open_table(db::IDS).st()?;
         let Some(pid) = ids.get(key.as_str()).st()?.map(|v| v.value()) else {
             return Ok(None);
@@ -306,7 +310,7 @@ impl Profiles {
 
     /// A profile by id (following merges to the survivor).
     pub fn get(&self, profile_id: u64) -> Result<Option<ProfileView>, StoreError> {
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         let merged = r.open_table(db::MERGED).st()?;
         let id = db::follow_merges(&merged, profile_id)?;
         let profiles = r.open_table(db::PROFILES).st()?;

@@ -74,11 +74,22 @@ impl Env {
     }
 
     fn open(dir: tempfile::TempDir, config: GatewayConfig, seqs: HashMap<String, u64>) -> Env {
+        let profiles = Profiles::open(&dir.path().join(PROFILES_FILE), &config).unwrap();
+        Env::with_profiles(dir, config, seqs, profiles)
+    }
+
+    /// The gateway's store in `dir` and the profile stage over `profiles`.
+    fn with_profiles(
+        dir: tempfile::TempDir,
+        config: GatewayConfig,
+        seqs: HashMap<String, u64>,
+        profiles: Profiles,
+    ) -> Env {
         // "d1" never reports progress: the inbox keeps everything, as with a
         // destination that is behind.
         let names = [STAGE_NAME.to_owned(), "d1".to_owned()];
         let store = Arc::new(Store::open(&dir.path().join("g.redb"), 1 << 24, &names).unwrap());
-        let profiles = Arc::new(Profiles::open(&dir.path().join(PROFILES_FILE), &config).unwrap());
+        let profiles = Arc::new(profiles);
         let shutdown = CancellationToken::new();
         let stage = tokio::spawn(Arc::clone(&profiles).run(Arc::clone(&store), shutdown.clone()));
         Env {
@@ -112,6 +123,12 @@ impl Env {
 
     /// Stores `events` as one batch of `device` and waits until they are resolved.
     async fn send(&mut self, device: &str, events: Vec<Event>) {
+        self.store_batch(device, events).await;
+        self.settle().await;
+    }
+
+    /// Stores `events` as one batch of `device`.
+    async fn store_batch(&mut self, device: &str, events: Vec<Event>) {
         let next = self.seqs.entry(device.to_owned()).or_insert(1);
         let first = *next;
         let events: Vec<Event> = events
@@ -138,7 +155,6 @@ impl Env {
             .await
             .unwrap();
         assert!(receipt.rejected.is_empty());
-        self.settle().await;
     }
 
     async fn settle(&self) {
@@ -480,4 +496,70 @@ async fn bulk_seeded_profiles_are_found_and_new_ones_follow_them() {
         .await;
     assert_eq!(env.lookup("anonymous_id", "new-anon").unwrap().id, 500);
     assert_eq!(env.lookup("customer_id", "someone").unwrap().id, 1001);
+}
+
+/// `profiles.redb` on a disk that fills: resolution stops while it is full; once
+/// space is back the file is reopened (back at its last durable commit) and the stage
+/// resolves again from there, counting every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_resolution_until_space_is_back_and_nothing_counts_twice() {
+    use crate::store::test_disk::{Backend, Disk};
+    use std::sync::atomic::Ordering;
+
+    let disk = Arc::new(Disk::default());
+    let open = {
+        let disk = Arc::clone(&disk);
+        move |_: &std::path::Path| {
+            db::prepare(
+                redb::Database::builder()
+                    .create_with_backend(Backend(Arc::clone(&disk)))
+                    .st()?,
+            )
+        }
+    };
+    let path = std::path::Path::new("profiles.redb");
+    let file = RedbFile::new(path, open(path).unwrap(), open);
+    let config: GatewayConfig = toml::from_str(CONFIG).unwrap();
+    let profiles = Profiles::open_file(file, &config).unwrap();
+    let mut env = Env::with_profiles(
+        tempfile::tempdir().unwrap(),
+        config,
+        HashMap::new(),
+        profiles,
+    );
+    for _ in 0..3 {
+        env.send("tv", vec![order(Some("u"), None, 1.0, "x", now_ms())])
+            .await;
+    }
+
+    disk.full.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        env.store_batch("tv", vec![order(Some("u"), None, 2.0, "y", now_ms())])
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // At least one checkpoint is due meanwhile (they come every second).
+    tokio::time::sleep(stage::CHECKPOINT_EVERY + Duration::from_millis(500)).await;
+    let head = *env.store.head().borrow();
+    let flushed = *env.profiles.flushed().borrow();
+    assert!(
+        flushed < head,
+        "nothing reached the full disk ({flushed} of {head})"
+    );
+
+    disk.full.store(false, Ordering::SeqCst);
+    let mut flushed = env.profiles.flushed();
+    tokio::time::timeout(Duration::from_secs(10), flushed.wait_for(|f| *f >= head))
+        .await
+        .expect("resolution resumes once space is back")
+        .unwrap();
+    assert!(
+        env.profiles.shared.db.generation() >= 1,
+        "the file was reopened"
+    );
+    let u = env.lookup("customer_id", "u").unwrap();
+    assert_eq!(u.events, 8);
+    assert_eq!(computed(&u, "orders"), Value::Int(8));
+    assert_eq!(computed(&u, "revenue"), Value::Float(13.0));
+    assert_eq!(env.routed().events.len(), 8);
 }

@@ -21,6 +21,7 @@
 //! [`SOURCE_DEDUP_WINDOW`].
 
 mod dedup;
+mod redb_file;
 mod tail;
 
 use std::any::Any;
@@ -40,6 +41,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 pub use dedup::LaneDedup;
+#[cfg(test)]
+pub(crate) use redb_file::test_disk;
+pub use redb_file::RedbFile;
 
 pub(crate) const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("dedup");
@@ -71,6 +75,9 @@ pub enum StoreError {
     /// Any other I/O or redb failure; nothing was committed.
     #[error("storage error: {0}")]
     Storage(String),
+    /// The file is being reopened after an I/O failure; nothing was done, try again.
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
     /// The store was closed (shutdown).
     #[error("the store is closed")]
     Closed,
@@ -206,7 +213,7 @@ enum Command {
 type ApplyFn = Box<dyn FnOnce(&WriteTransaction) -> Result<Box<dyn Any + Send>, StoreError> + Send>;
 
 struct Shared {
-    db: Database,
+    db: RedbFile,
     /// Inbox seq of the newest committed record, for destinations to wait on.
     head: watch::Sender<u64>,
     /// Per destination: inbox seqs it no longer needs.
@@ -235,21 +242,7 @@ impl Store {
         cache_size: usize,
         destinations: &[String],
     ) -> Result<Store, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(cache_size)
-            .create(path)
-            .st()?;
-        let txn = db.begin_write().st()?;
-        {
-            txn.open_table(INBOX).st()?;
-            txn.open_table(DEDUP).st()?;
-            txn.open_table(DEVICES).st()?;
-            txn.open_table(CURSORS).st()?;
-            txn.open_table(META).st()?;
-            txn.open_table(SOURCE_DEDUP).st()?;
-            txn.open_table(SOURCE_AGE).st()?;
-        }
-        txn.commit().st()?;
+        let db = open_file(path, cache_size)?;
         let head = {
             let r = db.begin_read().st()?;
             let meta = r.open_table(META).st()?;
@@ -259,6 +252,7 @@ impl Store {
                 .unwrap_or(1)
                 .saturating_sub(1)
         };
+        let db = RedbFile::new(path, db, move |p| open_file(p, cache_size));
         let done = destinations.iter().map(|d| (d.clone(), 0)).collect();
         let shared = Arc::new(Shared {
             db,
@@ -399,7 +393,7 @@ impl Store {
         &self,
         read: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         read(&r)
     }
 
@@ -428,7 +422,7 @@ impl Store {
 
     /// A destination's saved state.
     pub fn load_cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         let t = r.open_table(CURSORS).st()?;
         let v = t.get(name).st()?.map(|v| v.value().to_vec());
         Ok(v)
@@ -440,7 +434,7 @@ impl Store {
         after: u64,
         max: usize,
     ) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         let t = r.open_table(INBOX).st()?;
         let mut out = Vec::new();
         for row in t.range(after.saturating_add(1)..).st()?.take(max) {
@@ -486,7 +480,7 @@ impl Store {
 
     /// One device's record.
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         let t = r.open_table(DEVICES).st()?;
         let v = match t.get(id).st()? {
             Some(v) => Some(
@@ -500,7 +494,7 @@ impl Store {
 
     /// All device records (for metrics), at most `max`.
     pub fn devices(&self, max: usize) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         let t = r.open_table(DEVICES).st()?;
         let mut out = Vec::new();
         for row in t.iter().st()?.take(max) {
@@ -514,7 +508,7 @@ impl Store {
 
     /// Events waiting in the inbox.
     pub fn inbox_len(&self) -> Result<u64, StoreError> {
-        let r = self.shared.db.begin_read().st()?;
+        let r = self.shared.db.begin_read()?;
         r.open_table(INBOX).st()?.len().st()
     }
 
@@ -545,6 +539,26 @@ impl Drop for Store {
             let _ = h.join();
         }
     }
+}
+
+/// Opens (creating) the file and its tables.
+fn open_file(path: &Path, cache_size: usize) -> Result<Database, StoreError> {
+    let db = Database::builder()
+        .set_cache_size(cache_size)
+        .create(path)
+        .st()?;
+    let txn = db.begin_write().st()?;
+    {
+        txn.open_table(INBOX).st()?;
+        txn.open_table(DEDUP).st()?;
+        txn.open_table(DEVICES).st()?;
+        txn.open_table(CURSORS).st()?;
+        txn.open_table(META).st()?;
+        txn.open_table(SOURCE_DEDUP).st()?;
+        txn.open_table(SOURCE_AGE).st()?;
+    }
+    txn.commit().st()?;
+    Ok(db)
 }
 
 fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
@@ -595,7 +609,7 @@ fn commit_group(shared: &Shared, group: Vec<Command>) {
     // A write from outside the receive path may have removed inbox records.
     let mut foreign_write = false;
     let result = (|| -> Result<(), StoreError> {
-        let mut txn = shared.db.begin_write().st()?;
+        let mut txn = shared.db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Storage(e.to_string()))?;
         let mut next = txn

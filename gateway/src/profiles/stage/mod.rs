@@ -40,9 +40,7 @@ use std::time::Duration;
 
 use crate::clock::now_ms;
 use edge_agent::model::DeviceId;
-use redb::{
-    Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction,
-};
+use redb::{Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -174,19 +172,41 @@ pub struct Resolver {
     pub durable_through: u64,
     /// The cursor in the file: profiles and links there include everything up to it.
     pub flushed_through: u64,
+    /// The file's [`RedbFile::generation`] this state was built on.
+    generation: u64,
 }
 
 impl Resolver {
     /// A resolver over a file whose cursor is `flushed`, durable up to `durable`.
     pub fn new(shared: Arc<Shared>, flushed: u64, durable: u64) -> Self {
         Resolver {
-            shared,
             cache: Cache::default(),
             pending: Pending::new(flushed),
             last_durable: std::time::Instant::now(),
             durable_through: durable.min(flushed),
             flushed_through: flushed,
+            generation: shared.db.generation(),
+            shared,
         }
+    }
+
+    /// True once `profiles.redb` was reopened after an I/O failure: the file went
+    /// back to its last durable commit, so this state (cursors, pending changes,
+    /// cache) no longer matches it. Start a new resolver from the file's cursor.
+    pub fn is_stale(&self) -> bool {
+        self.shared.db.generation() != self.generation
+    }
+
+    /// A write transaction on the file this state was built on.
+    fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+        let txn = self.shared.db.begin_write()?;
+        if self.is_stale() {
+            return Err(StoreError::Storage(
+                "profiles.redb was reopened after an I/O failure; resolving again from its cursor"
+                    .into(),
+            ));
+        }
+        Ok(txn)
     }
 
     /// Writes what is pending and makes every commit so far durable. On failure
@@ -195,7 +215,7 @@ impl Resolver {
         if self.durable_through >= self.pending.through && self.pending.is_empty() {
             return Ok(());
         }
-        let mut txn = self.shared.db.begin_write().st()?;
+        let mut txn = self.begin_write()?;
         set_durability(&mut txn, true)?;
         {
             let mut t = Tables::open(&txn)?;
@@ -252,7 +272,7 @@ impl Resolver {
     ) -> Result<Vec<Enrichment>, StoreError> {
         let durable = self.last_durable.elapsed() >= CHECKPOINT_EVERY;
         let mut enrichments = Vec::with_capacity(records.len());
-        let mut txn = self.shared.db.begin_write().st()?;
+        let mut txn = self.begin_write()?;
         set_durability(&mut txn, durable)?;
         let flush;
         {
@@ -584,7 +604,7 @@ fn find_erase(
     };
     let mut key = String::new();
     id_key(&mut key, ty, &value);
-    let r = shared.db.begin_read().st()?;
+    let r = shared.db.begin_read()?;
     let ids = r.open_table(IDS).st()?;
     let Some(pid) = ids.get(key.as_str()).st()?.map(|v| v.value()) else {
         return Ok(None);
@@ -659,7 +679,7 @@ fn erase_inbox(
 /// Deletes the profile, its links, the merges into it and its `enriched` rows.
 fn erase_profile(shared: &Shared, target: &EraseTarget, removed: &[u64]) -> Result<(), StoreError> {
     let pid = target.profile.id;
-    let mut txn = shared.db.begin_write().st()?;
+    let mut txn = shared.db.begin_write()?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| StoreError::Storage(format!("profiles: durability: {e}")))?;
     {
@@ -731,7 +751,7 @@ async fn erase(
 }
 
 fn load_cursor(shared: &Shared) -> Result<u64, StoreError> {
-    let r = shared.db.begin_read().st()?;
+    let r = shared.db.begin_read()?;
     let meta = r.open_table(META).st()?;
     db::meta_get(&meta, CURSOR)
 }
@@ -745,7 +765,7 @@ pub fn bulk_seed(shared: &Shared, n: u64) -> Result<(), StoreError> {
     let mut key = String::new();
     let mut buf = Vec::new();
     while done < n {
-        let txn = shared.db.begin_write().st()?;
+        let txn = shared.db.begin_write()?;
         {
             let mut t = Tables::open(&txn)?;
             let mut next = db::meta_get(&t.meta, NEXT_PROFILE)?.max(1);
@@ -777,7 +797,7 @@ pub fn bulk_seed(shared: &Shared, n: u64) -> Result<(), StoreError> {
 
 /// Profiles stored.
 pub fn count(shared: &Shared) -> Result<u64, StoreError> {
-    let r = shared.db.begin_read().st()?;
+    let r = shared.db.begin_read()?;
     r.open_table(PROFILES).st()?.len().st()
 }
 

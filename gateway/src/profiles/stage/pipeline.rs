@@ -156,8 +156,14 @@ pub async fn run(
             ahead.discard().await;
             handle_erase(&shared, &store, &mut resolver, req).await;
         }
+        if resolver.as_ref().is_some_and(Resolver::is_stale) {
+            // profiles.redb was reopened after an I/O failure and went back to its
+            // last durable commit: what is in memory belongs to the old file.
+            resolver = None;
+        }
         if resolver.is_none() {
-            // The resolver task died with its state: start again from the file.
+            // No state (the resolver task died, or the file was reopened): start
+            // again from the file.
             ahead.discard().await;
             let sh = Arc::clone(&shared);
             match spawn_blocking(move || load_cursor(&sh)).await {
@@ -248,7 +254,7 @@ pub async fn run(
             }
             Ok((r, Err(e))) => {
                 // Pending changes went with the failed group: resolve again from what
-                // the file holds.
+                // the file holds (a reopened file: from its cursor, at the loop's top).
                 cursor = r.flushed_through;
                 resolver = Some(r);
                 e.to_string()
