@@ -12,6 +12,9 @@ use super::Admin;
 /// Dead letters listed per call unless `limit` says otherwise, and at most.
 const DEFAULT_DEAD_LETTERS: usize = 100;
 const MAX_DEAD_LETTERS: usize = 1_000;
+/// Longest a profile lookup waits for the changes of events already resolved to be
+/// flushed (normally a few milliseconds; longer only while the stage is failing).
+pub(super) const PROFILE_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Admin {
     /// `GET /v1/devices/{id}`
@@ -68,8 +71,10 @@ impl Admin {
         Ok(json(StatusCode::OK, &serde_json::json!({ "count": count })))
     }
 
-    /// `GET /v1/profiles/{type}/{value}`
-    pub(super) fn profile(&self, id_type: &str, value: &str) -> Result<Reply, ApiError> {
+    /// `GET /v1/profiles/{type}/{value}`: the profile as of every event resolved
+    /// before the call.
+    pub(super) async fn profile(&self, id_type: &str, value: &str) -> Result<Reply, ApiError> {
+        self.profiles.settle_reads(PROFILE_READ_WAIT).await;
         match self.profiles.lookup(id_type, value)? {
             Some(view) => Ok(json(StatusCode::OK, &view)),
             None => Err(no_profile(id_type, value)),

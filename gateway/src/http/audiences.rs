@@ -57,12 +57,15 @@ impl Admin {
 
     /// `GET /v1/audiences/{name}/why/{type}/{value}`: the condition tree with each
     /// clause's outcome for the profile holding that identifier.
-    pub(super) fn audience_why(
+    pub(super) async fn audience_why(
         &self,
         name: &str,
         id_type: &str,
         value: &str,
     ) -> Result<Reply, ApiError> {
+        self.profiles
+            .settle_reads(super::admin::PROFILE_READ_WAIT)
+            .await;
         let profile = self.profiles.lookup(id_type, value)?.ok_or_else(|| {
             ApiError::not_found(format!("no profile has identifier {id_type} `{value}`"))
         })?;

@@ -225,7 +225,7 @@ impl Admin {
             Route::Mparticle { bulk } => self.mparticle(bulk, &parts.headers, body).await,
             Route::Device(id) => self.device(&id),
             Route::ProfileCount => self.profile_count(),
-            Route::Profile(t, v) => self.profile(&t, &v),
+            Route::Profile(t, v) => self.profile(&t, &v).await,
             Route::EraseProfile(t, v) => self.erase(&t, &v).await,
             Route::Destinations => Ok(self.destinations()),
             Route::DeadLetters(name) => self.dead_letters(&name, &query),
@@ -234,7 +234,7 @@ impl Admin {
             Route::Clock => self.advance_clock(&query),
             Route::Audiences => self.audiences(),
             Route::AudienceMembers(name) => self.audience_members(&name, &query),
-            Route::AudienceWhy(name, t, v) => self.audience_why(&name, &t, &v),
+            Route::AudienceWhy(name, t, v) => self.audience_why(&name, &t, &v).await,
             Route::AudienceSweep => self.audience_sweep().await,
         }
     }

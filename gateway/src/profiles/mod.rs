@@ -30,12 +30,13 @@ pub use tail::TAIL_EVENTS;
 mod tests;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::clock::now_ms;
 use edge_agent::model::{DeviceId, Str, Value};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
@@ -143,6 +144,10 @@ struct Shared {
     resolved: watch::Sender<u64>,
     /// Highest inbox seq whose profile changes are in the file (see `stage`).
     flushed: watch::Sender<u64>,
+    /// Highest inbox seq a reader waits to see flushed ([`Profiles::settle_reads`]).
+    flush_wanted: AtomicU64,
+    /// Wakes an idle stage for `flush_wanted`.
+    flush_request: Notify,
     /// The newest resolved groups (see `tail`).
     tail: Mutex<tail::Tail>,
 }
@@ -193,6 +198,8 @@ impl Profiles {
                 allow,
                 resolved: watch::channel(cursor).0,
                 flushed: watch::channel(cursor).0,
+                flush_wanted: AtomicU64::new(0),
+                flush_request: Notify::new(),
                 tail: Mutex::new(tail::Tail::new(tail::TAIL_EVENTS)),
             }),
             erase_tx,
@@ -223,6 +230,23 @@ impl Profiles {
     /// ([`Profiles::get`], [`Profiles::lookup`]) reflect every event up to it.
     pub fn flushed(&self) -> watch::Receiver<u64> {
         self.shared.flushed.subscribe()
+    }
+
+    /// Waits until profiles ([`Profiles::get`], [`Profiles::lookup`]) reflect every
+    /// event resolved so far, at most `timeout`; false when that passed. Changes are
+    /// flushed in bulk (every [`stage::FLUSH_EVERY`] when the stage has caught up);
+    /// a reader waiting here gets a flush right away.
+    pub async fn settle_reads(&self, timeout: std::time::Duration) -> bool {
+        let target = *self.shared.resolved.borrow();
+        let mut flushed = self.shared.flushed.subscribe();
+        if *flushed.borrow_and_update() >= target {
+            return true;
+        }
+        self.shared.flush_wanted.fetch_max(target, Ordering::AcqRel);
+        self.shared.flush_request.notify_one();
+        tokio::time::timeout(timeout, flushed.wait_for(|f| *f >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Up to `max` resolved records after inbox seq `after`, with their enrichment.

@@ -164,6 +164,10 @@ impl Env {
             .await
             .expect("the stage resolves within 10 s")
             .unwrap();
+        assert!(
+            self.profiles.settle_reads(Duration::from_secs(10)).await,
+            "profiles readable within 10 s"
+        );
     }
 
     fn lookup(&self, ty: &str, value: &str) -> Option<ProfileView> {

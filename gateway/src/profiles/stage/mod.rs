@@ -158,6 +158,12 @@ impl<'t> Tables<'t> {
 
 /// Longest time resolved groups stay non-durable (see the module doc).
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Least time between flushes made because the stage caught up with the inbox. A
+/// flush writes every profile changed since the last one, each to its own page when
+/// active users are spread over millions of profiles: flushing at every catch-up
+/// (many times a second under load) wrote the same profiles over and over. A reader
+/// that needs the changes ([`super::Profiles::settle_reads`]) gets a flush at once.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 /// Resolves groups of inbox records into `profiles.redb`.
 #[derive(Debug)]
@@ -168,6 +174,8 @@ pub struct Resolver {
     pending: Pending,
     /// When the last durable commit happened.
     last_durable: std::time::Instant,
+    /// When the last flush happened.
+    last_flush: std::time::Instant,
     /// The cursor as of the last durable commit: what a crash would revert to.
     pub durable_through: u64,
     /// The cursor in the file: profiles and links there include everything up to it.
@@ -183,11 +191,29 @@ impl Resolver {
             cache: Cache::default(),
             pending: Pending::new(flushed),
             last_durable: std::time::Instant::now(),
+            last_flush: std::time::Instant::now(),
             durable_through: durable.min(flushed),
             flushed_through: flushed,
             generation: shared.db.generation(),
             shared,
         }
+    }
+
+    /// How long until a flush is due: [`FLUSH_EVERY`] after the last, or now when a
+    /// reader waits for changes not flushed yet.
+    pub fn until_flush_due(&self) -> Duration {
+        if self.reader_waits() {
+            return Duration::ZERO;
+        }
+        FLUSH_EVERY.saturating_sub(self.last_flush.elapsed())
+    }
+
+    /// A reader waits for changes beyond the flushed cursor.
+    fn reader_waits(&self) -> bool {
+        self.shared
+            .flush_wanted
+            .load(std::sync::atomic::Ordering::Acquire)
+            > self.flushed_through
     }
 
     /// True once `profiles.redb` was reopened after an I/O failure: the file went
@@ -235,8 +261,9 @@ impl Resolver {
     }
 
     /// Resolves `records` (inbox seqs after the last group, up to `through`) and
-    /// commits their enrichment; flushes when due or when `caught_up` (the group ends
-    /// at the inbox head); prunes `enriched` rows at or below `prune_through`. `now`
+    /// commits their enrichment; flushes when due: when a checkpoint is, when too
+    /// much is pending, when a reader waits, or when `caught_up` (the group ends at
+    /// the inbox head) and [`FLUSH_EVERY`] has passed; prunes `enriched` rows at or below `prune_through`. `now`
     /// dates windowed computed attributes. Returns each record's enrichment, in order.
     /// On failure everything pending is dropped (see [`Resolver::clear`]).
     pub fn resolve_group(
@@ -287,7 +314,8 @@ impl Resolver {
             write_enriched(&mut t.enriched, records, &enrichments, &mut buf)?;
             self.pending.through = through;
             flush = durable
-                || caught_up
+                || (caught_up && self.until_flush_due().is_zero())
+                || self.reader_waits()
                 || self.pending.dirty_profiles.len() >= MAX_PENDING_PROFILES
                 || self.pending.dirty_ids.len() >= MAX_PENDING_IDS;
             if flush {
@@ -304,6 +332,7 @@ impl Resolver {
 
     /// Bookkeeping once a commit holding [`Resolver::write_pending`] succeeded.
     fn after_flush(&mut self, durable: bool) {
+        self.last_flush = std::time::Instant::now();
         self.flushed_through = self.pending.through;
         self.pending.flushed();
         if durable {

@@ -181,17 +181,38 @@ pub async fn run(
         }
         let head = *head_rx.borrow_and_update();
         if head <= cursor && ahead.is_idle() {
+            let mut flush_in = None;
             if durable < cursor {
                 // Caught up: write what is pending and make it durable, so the inbox
-                // can be pruned and profile readers see it.
-                durable = checkpoint(&mut resolver).await.unwrap_or(durable);
-                store.set_done(STAGE_NAME, durable);
-                if let Some(r) = resolver.as_ref() {
-                    publish(&shared, cursor, r.flushed_through);
+                // can be pruned and profile readers see it — once a flush is due.
+                let due = resolver.as_ref().map(Resolver::until_flush_due);
+                if due.is_some_and(|d| d.is_zero()) {
+                    if let Some(d) = checkpoint(&mut resolver).await {
+                        durable = d;
+                        backoff = BACKOFF_MIN;
+                    } else {
+                        // Try again later even if nothing else arrives.
+                        flush_in = Some(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    store.set_done(STAGE_NAME, durable);
+                    if let Some(r) = resolver.as_ref() {
+                        publish(&shared, cursor, r.flushed_through);
+                    }
+                } else {
+                    flush_in = due;
                 }
             }
+            let flush_timer = async {
+                match flush_in {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = flush_timer => {}
+                () = shared.flush_request.notified() => {}
                 changed = head_rx.changed() => {
                     if changed.is_err() {
                         // The store is gone: nothing more will arrive.
